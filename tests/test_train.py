@@ -1,0 +1,137 @@
+"""The trainer: ln 2 start, only LoRA changes, determinism, guards, adapter round trip."""
+
+import math
+
+import pytest
+import torch
+
+from dpo_minimal import add_lora, load_preferences, shipped_data_path, tiny_model
+from dpo_minimal.train import (
+    History,
+    NonFiniteLossError,
+    TrainConfig,
+    evaluate,
+    generate_pairs,
+    load_adapter,
+    save_adapter,
+    train,
+)
+
+DATA = load_preferences(shipped_data_path("train")).select(range(32))
+HELD_OUT = load_preferences(shipped_data_path("test")).select(range(8))
+KEYS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+        "logps/chosen", "logps/rejected", "grad_norm", "learning_rate", "tokens_per_second",
+        "peak_memory_gib"}
+
+
+def _config(**kwargs):
+    base = dict(batch_size=4, max_steps=3, max_length=64, max_prompt_length=32,
+                learning_rate=1e-2, progress=False)
+    return TrainConfig(**{**base, **kwargs})
+
+
+def _lora(arch="gpt2", seed=0):
+    model, tok = tiny_model(arch, seed=seed)
+    return add_lora(model, r=4, alpha=8), tok
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "phi"])
+def test_first_step_is_ln2_with_zero_margins(arch):
+    model, tok = _lora(arch)  # lora_dropout 0.05 and GPT-2's dropout 0.1: train must disable them
+    history = train(model, tok, DATA, _config(max_steps=2))
+    assert KEYS <= set(history[0])
+    assert abs(history[0]["loss"] - math.log(2)) < 1e-6
+    assert history[0]["rewards/margins"] == 0 and history[0]["rewards/accuracies"] == 0
+    assert history[1]["rewards/margins"] != 0  # and it does learn after the first update
+
+
+def test_evaluate_before_training_is_ln2():
+    model, tok = _lora()
+    metrics = evaluate(model, tok, HELD_OUT, _config())
+    assert abs(metrics["loss"] - math.log(2)) < 1e-6 and metrics["rewards/margins"] == 0
+    assert metrics["entropy"] > 0
+
+
+def test_only_lora_weights_change():
+    model, tok = _lora()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train(model, tok, DATA, _config())
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_B" in n or "lora_A" in n for n in changed)
+    assert any("lora_B" in n for n in changed)
+
+
+def test_same_seed_same_losses_and_different_seed_differs():
+    runs = []
+    for seed in (0, 0, 1):
+        model, tok = _lora()
+        runs.append([row["loss"] for row in train(model, tok, DATA, _config(seed=seed))])
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+
+
+def test_gradient_accumulation_and_checkpointing_run():
+    model, tok = _lora()
+    history = train(model, tok, DATA, _config(gradient_accumulation_steps=2,
+                                              gradient_checkpointing=True, max_steps=2))
+    assert len(history) == 2 and all(math.isfinite(r["loss"]) for r in history)
+
+
+def test_non_finite_loss_stops_with_a_clear_error():
+    model, tok = _lora()
+    with torch.no_grad():  # poison a trainable weight so the policy's logits become NaN
+        next(p for n, p in model.named_parameters() if "lora_B" in n).fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match=r"step 0 with dtype=float32.*float16 overflow"):
+        train(model, tok, DATA, _config())
+
+
+def test_float16_on_cpu_is_refused():
+    model, tok = _lora()
+    with pytest.raises(ValueError, match="float16.*CUDA"):
+        train(model, tok, DATA, _config(dtype="float16"))
+
+
+def test_bad_config_raises():
+    with pytest.raises(ValueError, match="unknown loss_type"):
+        TrainConfig(loss_type="dpo++")
+    with pytest.raises(ValueError, match="dtype"):
+        TrainConfig(dtype="float8")
+    with pytest.raises(ValueError, match="beta"):
+        TrainConfig(beta=0)
+
+
+def test_no_trainable_parameters_raises():
+    model, tok = tiny_model("gpt2")
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        train(model, tok, DATA, _config())
+
+
+def test_full_fine_tuning_uses_a_frozen_reference():
+    model, tok = tiny_model("gpt2")
+    history = train(model, tok, DATA, _config(learning_rate=1e-3), eval_data=HELD_OUT)
+    assert abs(history[0]["loss"] - math.log(2)) < 1e-5
+    assert "eval/loss" in history[-1] and history[-1]["eval/rewards/margins"] != 0
+
+
+def test_eval_every_and_history_json_round_trip(tmp_path):
+    model, tok = _lora()
+    history = train(model, tok, DATA, _config(max_steps=4, eval_every=2), eval_data=HELD_OUT)
+    assert [r["step"] for r in history if "eval/loss" in r] == [0, 2, 3]
+    again = History.from_json(history.to_json(tmp_path / "history.json"))
+    assert again == history and again.series("loss")[0] == [0, 1, 2, 3]
+
+
+def test_adapter_round_trip_and_generation_table(tmp_path):
+    model, tok = _lora()
+    train(model, tok, DATA, _config())
+    trained = evaluate(model, tok, HELD_OUT, _config())
+    save_adapter(model, tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    reloaded = load_adapter(tiny_model("gpt2")[0], tmp_path / "adapter")
+    again = evaluate(reloaded, tok, HELD_OUT, _config())
+    assert again["logps/chosen"] == trained["logps/chosen"]
+    assert again["rewards/margins"] == trained["rewards/margins"]
+    rows = generate_pairs(model, tok, ["Can you see me?"], max_new_tokens=5)
+    assert set(rows[0]) == {"prompt", "reference (greedy)", "policy (greedy)",
+                            "reference (sampled)", "policy (sampled)"}
