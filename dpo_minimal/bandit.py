@@ -154,3 +154,43 @@ def rlhf_policy_gradient(pi_ref: torch.Tensor, reward: torch.Tensor, beta: float
         loss.backward()
         opt.step()
     return torch.softmax(logits.detach(), -1)
+
+
+def online_dpo(pi_ref: torch.Tensor, reward: torch.Tensor, beta: float, rounds: int = 5,
+               pairs_per_round: int = 200, steps: int = 500, lr: float = 1.0,
+               loss_type: str = "sigmoid", winners: torch.Tensor | None = None,
+               losers: torch.Tensor | None = None, seed: int = 0):
+    """On-policy (iterative) DPO: sample from the current policy, get labels, refit, repeat.
+
+    Each round draws `pairs_per_round` pairs from the current policy (on-policy), labels them
+    by Bradley-Terry with the true `reward` (the labeller, who can judge any response, even one
+    that no data set contains), adds them to the pool (which may start from an offline set
+    `winners`, `losers`) and refits `train_tabular` on the whole pool from pi_ref. The reference
+    stays pi_ref throughout, so the target is still pi* = optimal_policy(pi_ref, reward, beta).
+
+    Returns (pi, history): history has one dict per round (0 = before any on-policy data):
+    round, n_pairs, pi (a copy), and seen, a bool tensor (K,) of the responses in the pool.
+    """
+    k = pi_ref.shape[0]
+    if (winners is None) != (losers is None):
+        raise ValueError("pass both winners and losers (an offline starting pool), or neither.")
+    if winners is None:
+        winners = losers = torch.empty(0, dtype=torch.long)
+    seen = torch.zeros(k, dtype=torch.bool)
+    seen[winners] = True
+    seen[losers] = True
+    pi = pi_ref.clone() if winners.numel() == 0 else train_tabular(
+        pi_ref, winners, losers, beta, loss_type=loss_type, steps=steps, lr=lr,
+        record_every=steps)[0]
+    history = [{"round": 0, "n_pairs": winners.numel(), "pi": pi.clone(), "seen": seen.clone()}]
+    for r in range(1, rounds + 1):
+        # A fresh seed per round: the same call gives the same run, rounds differ.
+        w, lo = sample_preferences(reward, pairs_per_round, pi_ref=pi, seed=seed * 1000 + r)
+        winners, losers = torch.cat([winners, w]), torch.cat([losers, lo])
+        seen[w] = True
+        seen[lo] = True
+        pi, _ = train_tabular(pi_ref, winners, losers, beta, loss_type=loss_type, steps=steps,
+                              lr=lr, record_every=steps)
+        history.append({"round": r, "n_pairs": winners.numel(), "pi": pi.clone(),
+                        "seen": seen.clone()})
+    return pi, history

@@ -101,3 +101,115 @@ def dpo_loss(
     else:  # unweighted
         losses = -(policy_chosen_logps - policy_rejected_logps)
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+def kto_loss(
+    policy_logps: torch.Tensor,
+    reference_logps: torch.Tensor,
+    desirable: torch.Tensor,
+    policy_kl_logps: torch.Tensor | None = None,
+    reference_kl_logps: torch.Tensor | None = None,
+    beta: float = 0.1,
+    lambda_d: float = 1.0,
+    lambda_u: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """KTO (Ethayarajh et al. 2024): a loss for unpaired thumbs-up / thumbs-down examples.
+
+    With the implicit reward r = log pi_theta(y|x) - log pi_ref(y|x) and a reference point z0,
+
+        v(x, y) = lambda_d * sigma(beta (r - z0))   if y is desirable
+                  lambda_u * sigma(beta (z0 - r))   if y is undesirable
+        loss    = lambda_y - v(x, y)                (lambda_y: lambda_d or lambda_u)
+
+    z0 estimates KL(pi_theta || pi_ref): the mean log-ratio over mismatched completions
+    (y' drawn for other prompts), clamped at 0 and detached, so it only shifts the value
+    function and passes no gradient, as in the paper and TRL.
+
+    Args:
+        policy_logps: (B,) summed log pi_theta(y | x).
+        reference_logps: (B,) summed log pi_ref(y | x).
+        desirable: (B,) bool, True for a thumbs-up example, False for thumbs-down.
+        policy_kl_logps, reference_kl_logps: (M,) log-probs of the mismatched completions
+            under the policy and the reference. Both None means z0 = 0.
+        beta: KL weight, as in DPO.
+        lambda_d, lambda_u: weights of desirable and undesirable examples (> 0); the paper
+            picks them so that lambda_d n_d / (lambda_u n_u) is in [1, 4/3].
+
+    Returns:
+        losses (B,), rewards (B,) = beta * r detached, z0 (a 0-d tensor).
+    """
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}: beta is the KL weight (try 0.1).")
+    if not (lambda_d > 0 and lambda_u > 0):
+        raise ValueError(f"lambda_d and lambda_u must be > 0, got {lambda_d}, {lambda_u}.")
+    if desirable.dtype != torch.bool:
+        raise ValueError(f"desirable must be a bool tensor (True = thumbs-up), got "
+                         f"{desirable.dtype}.")
+    if policy_logps.dim() != 1 or not (
+            policy_logps.shape == reference_logps.shape == desirable.shape):
+        raise ValueError("policy_logps, reference_logps and desirable must be 1-D of one shape "
+                         f"(B,), got {tuple(policy_logps.shape)}, {tuple(reference_logps.shape)}, "
+                         f"{tuple(desirable.shape)}.")
+    if (policy_kl_logps is None) != (reference_kl_logps is None):
+        raise ValueError("pass both policy_kl_logps and reference_kl_logps, or neither.")
+    if policy_kl_logps is None:
+        z0 = policy_logps.new_zeros(())
+    else:
+        if policy_kl_logps.shape != reference_kl_logps.shape or policy_kl_logps.dim() != 1:
+            raise ValueError("policy_kl_logps and reference_kl_logps must be 1-D of one shape.")
+        z0 = (policy_kl_logps - reference_kl_logps).mean().clamp(min=0).detach()
+    r = policy_logps - reference_logps
+    value = torch.where(desirable, lambda_d * torch.sigmoid(beta * (r - z0)),
+                        lambda_u * torch.sigmoid(beta * (z0 - r)))
+    lambdas = torch.where(desirable, torch.full_like(r, lambda_d), torch.full_like(r, lambda_u))
+    return lambdas - value, beta * r.detach(), z0
+
+
+def _log1m_exp(a: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(a)) for a < 0, accurate at both ends (Maechler 2012)."""
+    return torch.where(a > -0.6931471805599453, torch.log(-torch.expm1(a)),
+                       torch.log1p(-torch.exp(a)))
+
+
+def orpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+    lambda_or: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ORPO (Hong et al. 2024): SFT and preference alignment in one loss, with no reference.
+
+    With the per-token average log-likelihood a = log pi_theta(y|x) / |y|, p = exp(a) and
+    log odds(y|x) = log p - log(1 - p),
+
+        L = NLL_chosen - lambda_or * log sigma(log odds(y_w|x) - log odds(y_l|x)),
+        NLL_chosen = -log pi_theta(y_w|x) / |y_w|.
+
+    The NLL term is the SFT stage; the odds-ratio term pushes the rejected response down.
+
+    Args:
+        policy_chosen_logps: (B,) summed log pi_theta(y_w | x) over response tokens.
+        policy_rejected_logps: (B,) summed log pi_theta(y_l | x).
+        chosen_lengths, rejected_lengths: (B,) response token counts (> 0).
+        lambda_or: weight of the odds-ratio term (> 0; the paper uses 0.1 to 1).
+
+    Returns:
+        losses (B,), log_odds_ratio (B,) = log odds(y_w) - log odds(y_l) detached, and
+        nll (B,) = NLL_chosen detached.
+    """
+    if not lambda_or > 0:
+        raise ValueError(f"lambda_or must be > 0, got {lambda_or}.")
+    tensors = (policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths)
+    if policy_chosen_logps.dim() != 1 or any(t.shape != policy_chosen_logps.shape
+                                             for t in tensors):
+        raise ValueError("all inputs must be 1-D tensors of the same shape (B,), got "
+                         f"{[tuple(t.shape) for t in tensors]}.")
+    if (chosen_lengths <= 0).any() or (rejected_lengths <= 0).any():
+        raise ValueError("chosen_lengths and rejected_lengths must be positive.")
+    chosen_avg = policy_chosen_logps / chosen_lengths  # log p_w, < 0
+    rejected_avg = policy_rejected_logps / rejected_lengths  # log p_l
+    log_odds = (chosen_avg - _log1m_exp(chosen_avg)) - (rejected_avg - _log1m_exp(rejected_avg))
+    nll = -chosen_avg
+    losses = nll - lambda_or * F.logsigmoid(log_odds)
+    return losses, log_odds.detach(), nll.detach()

@@ -121,7 +121,7 @@ def _forward_logps(model, batch: dict, config: TrainConfig, device, with_entropy
 
 
 def _reference_logps(model, batch, chunk, config, device, reference):
-    """(2B,) reference log-probs: from a cache (N, 2), a reference model, or the disabled adapter."""
+    """(2B,) reference log-probs: a cache (N, 2), a reference model, or the disabled adapter."""
     if isinstance(reference, torch.Tensor):
         index = torch.tensor([p["index"] for p in chunk])
         return torch.cat([reference[index, 0], reference[index, 1]]).to(device)
