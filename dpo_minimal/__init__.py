@@ -18,10 +18,13 @@ from .data import (  # noqa: E402
 from .logprobs import sequence_logps  # noqa: E402
 from .losses import dpo_loss  # noqa: E402
 from .models import add_lora, load_model, tiny_model  # noqa: E402
+from .train import History, TrainConfig, evaluate, train  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
     "MODE",
+    "History",
+    "TrainConfig",
     "add_lora",
     "collate_pairs",
     "dpo_loss",
@@ -33,4 +36,6 @@ __all__ = [
     "shipped_data_path",
     "tiny_model",
     "tokenize_preferences",
+    "evaluate",
+    "train",
 ]
