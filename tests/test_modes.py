@@ -38,6 +38,7 @@ def test_smoke_mode_sets_hub_offline(monkeypatch):
 
 
 BLOCKED = """
+import socket
 def refuse(*args, **kwargs):
     raise RuntimeError(f"network access attempted: {args}")
 socket.socket.connect = refuse
