@@ -31,11 +31,32 @@ def sequence_logps(
             f"{tuple(logits.shape)}, {tuple(labels.shape)}, {tuple(loss_mask.shape)}."
         )
     mask = loss_mask[:, 1:].bool()
-    picked = logits[:, :-1][mask].float()  # (N, V): only positions that predict a response token
-    targets = labels[:, 1:][mask]
+    picked = logits[:, :-1][mask]  # (N, V): only positions that predict a response token
+    return response_logps(picked, labels[:, 1:][mask], mask, average=average)
+
+
+def response_logps(
+    picked_logits: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    average: bool = False,
+) -> torch.Tensor:
+    """`sequence_logps` from the logits at the response positions only.
+
+    Args:
+        picked_logits: (N, V) logits of the N positions where `mask` is 1, in row-major order,
+            i.e. `logits[:, :-1][mask]`; a caller can apply the LM head to those positions alone.
+        targets: (N,) the tokens they predict, `labels[:, 1:][mask]`.
+        mask: (B, T-1) bool, the shifted loss mask `loss_mask[:, 1:]`.
+        average: divide each row's sum by its number of response tokens.
+
+    Returns:
+        (B,) float32 log-probabilities, equal to `sequence_logps` on the full logits.
+    """
+    picked = picked_logits.float()
     token_logps = picked.gather(-1, targets[:, None]).squeeze(-1) - picked.logsumexp(-1)
     # Scatter back to (B, T-1) and sum per row: deterministic on CPU and CUDA alike.
-    per_token = torch.zeros(mask.shape, dtype=torch.float32, device=logits.device)
+    per_token = torch.zeros(mask.shape, dtype=torch.float32, device=picked.device)
     sums = per_token.masked_scatter(mask, token_logps).sum(-1)
     if average:
         counts = mask.sum(-1)

@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import check_pad_token, collate_pairs, tokenize_preferences
-from .logprobs import sequence_logps
+from .logprobs import response_logps
 from .losses import LOSS_TYPES, dpo_loss
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -104,18 +104,39 @@ def _autocast(device: torch.device, dtype: str):
     return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
 
 
+# Architectures whose logits are exactly lm_head(last hidden state): no scaling or soft-capping.
+_PLAIN_HEADS = ("gpt2", "phi")
+
+
+def _response_logits(model, input_ids, attention_mask, mask) -> torch.Tensor:
+    """(N, V) logits at the N positions where `mask` (B, T-1) is set, i.e. `logits[:, :-1][mask]`.
+
+    For GPT-2 and phi (with or without LoRA) the LM head is applied to those positions only: the
+    (B, T, V) logits, the largest activation of a small model, are never built, nor their
+    gradient. Other architectures go through the model's own forward.
+    """
+    base = model.get_base_model() if _is_peft(model) else model
+    plain = base.config.model_type in _PLAIN_HEADS and (
+        not _is_peft(model) or all(c.peft_type == "LORA" for c in model.peft_config.values()))
+    if not plain:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return logits[:, :-1][mask]
+    body = getattr(base, base.base_model_prefix)  # GPT2Model / PhiModel, LoRA layers inside
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask,
+                  use_cache=False).last_hidden_state
+    return base.get_output_embeddings()(hidden[:, :-1][mask])
+
+
 def _forward_logps(model, batch: dict, config: TrainConfig, device, with_entropy=False):
     """One concatenated forward over chosen+rejected rows -> (2B,) summed response log-probs."""
     input_ids = batch["input_ids"].to(device)
-    loss_mask = batch["loss_mask"].to(device)
+    mask = batch["loss_mask"].to(device)[:, 1:].bool()
     with _autocast(device, config.dtype):
-        logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device),
-                       use_cache=False).logits
-    logps = sequence_logps(logits, input_ids, loss_mask)
+        picked = _response_logits(model, input_ids, batch["attention_mask"].to(device), mask)
+    logps = response_logps(picked, input_ids[:, 1:][mask], mask)  # = sequence_logps
     if not with_entropy:
         return logps, None
-    mask = loss_mask[:, 1:].bool()
-    picked = logits[:, :-1][mask].float().log_softmax(-1)
+    picked = picked.float().log_softmax(-1)
     entropy = -(picked.exp() * picked).sum(-1).mean()  # mean next-token entropy, nats
     return logps, entropy
 
