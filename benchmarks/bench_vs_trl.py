@@ -1,6 +1,6 @@
 """dpo_minimal vs TRL's DPOTrainer on identical work, on CPU: time and peak memory.
 
-    make bench                                    # the whole benchmark; writes benchmarks/RESULTS.md
+    make bench           # the whole benchmark; writes benchmarks/RESULTS.md
     .venv/bin/python benchmarks/bench_vs_trl.py --runs 3
     .venv/bin/python benchmarks/bench_vs_trl.py --worker ours --model gpt2-124m --steps 4
 
@@ -278,7 +278,8 @@ alternate run by run. Ratios below 1 mean dpo_minimal is faster or smaller.
   and special ids, random init, seed 0; {args.runs_124m} runs): rows whose responses are long
   enough that every sequence is 128 tokens; per step = (t({args.long} steps) - t({args.short}
   step(s))) / {args.long - args.short} over whole calls, so fixed costs cancel.
-- Exact commands: `make bench`, i.e. `.venv/bin/python benchmarks/bench_vs_trl.py` (values used here:
+- Exact commands: `make bench`, i.e. `.venv/bin/python benchmarks/bench_vs_trl.py`
+  (values used here:
   `--runs {args.runs} --runs-124m {args.runs_124m} --short {args.short} --long {args.long}
   --threads {args.threads}`); one worker alone:
   `.venv/bin/python benchmarks/bench_vs_trl.py --worker ours --model tiny --steps 32`.
