@@ -282,6 +282,8 @@ def train(model, tokenizer, train_data, config: TrainConfig, eval_data=None) -> 
       warmup + cosine/linear schedule; gradient clipping; autocast (+ GradScaler for float16).
     - Each step records loss, rewards/*, logps/*, grad_norm, learning_rate, tokens_per_second,
       peak_memory_gib; with eval_data, eval/* metrics every `eval_every` steps and at the end.
+      Train metrics of step s come from the forward before its update, eval/* from after it;
+      call evaluate() before training for the reference's values.
     - A non-finite loss stops training with NonFiniteLossError naming the step and dtype.
     """
     check_pad_token(tokenizer)
