@@ -288,7 +288,6 @@ def train(model, tokenizer, train_data, config: TrainConfig, eval_data=None) -> 
     """
     check_pad_token(tokenizer)
     device = torch.device(config.device) if config.device else next(model.parameters()).device
-    _check_precision(config, device)
     torch.manual_seed(config.seed)
     pairs = _tokenize(train_data, tokenizer, config)
     eval_pairs = None if eval_data is None else _tokenize(eval_data, tokenizer, config)
@@ -298,16 +297,20 @@ def train(model, tokenizer, train_data, config: TrainConfig, eval_data=None) -> 
         model.enable_input_require_grads()  # so checkpointed blocks see inputs needing grad
     model.to(device).train()
 
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters: call add_lora(model) first, or "
+                         "unfreeze the weights for full fine-tuning.")
+    if config.dtype == "float16" and any(p.dtype == torch.float16 for p in params):
+        raise ValueError("dtype='float16' trains with autocast and a GradScaler, which needs "
+                         "float32 trainable weights: load the model in float32 for full "
+                         "fine-tuning, or train LoRA adapters (peft keeps them in float32).")
+    _check_precision(config, device)
     reference = eval_reference = None  # None: the peft adapter, disabled
     if not _is_peft(model):  # full fine-tuning: freeze the initial policy's log-probs
         reference = _cache_reference(model, tokenizer, pairs, config, device)
         if eval_pairs is not None:
             eval_reference = _cache_reference(model, tokenizer, eval_pairs, config, device)
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters: call add_lora(model) first, or "
-                         "unfreeze the weights for full fine-tuning.")
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate,
                                   weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))

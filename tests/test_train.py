@@ -135,3 +135,10 @@ def test_adapter_round_trip_and_generation_table(tmp_path):
     rows = generate_pairs(model, tok, ["Can you see me?"], max_new_tokens=5)
     assert set(rows[0]) == {"prompt", "reference (greedy)", "policy (greedy)",
                             "reference (sampled)", "policy (sampled)"}
+
+
+def test_float16_trainable_weights_are_refused_with_the_fix():
+    model, tok = tiny_model("gpt2")
+    model.half()
+    with pytest.raises(ValueError, match="float32 trainable weights"):
+        train(model, tok, DATA, _config(dtype="float16"))
