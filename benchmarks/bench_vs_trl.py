@@ -293,7 +293,10 @@ alternate run by run. Ratios below 1 mean dpo_minimal is faster or smaller.
   same load): the tiny model's head is a third of its forward FLOPs, and TRL's CPU path scores
   every position, prompt and padding included, plus entropy/mean-logit/top-1 statistics.
 - At 124M the 3,647-token head is ~3% of the FLOPs: the transformer body (and GPT-2's
-  Python-level tanh GELU, ~25% of CPU time) dominates both sides equally, hence ~1.0x per step.
+  Python-level tanh GELU, ~25% of CPU time) dominates, and there the head lever buys nothing.
+  On an idle machine our steady-state step is SLOWER than TRL's (about 1.3x, table above),
+  while doing the same matmuls (profiled: 96 addmm per step on both sides). Not yet
+  explained; the growing RSS below points at allocator behaviour. Open work for issue 10.
 - Peak RSS at 124M creeps up step after step on our side under glibc's default allocator (heap
   fragmentation: with `MALLOC_MMAP_THRESHOLD_=131072` one 2-step run peaks at ~1.9 GiB instead of
   ~3.8 GiB); TRL's stays flat. The first step peaks the same on both sides.
