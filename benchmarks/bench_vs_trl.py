@@ -295,8 +295,13 @@ alternate run by run. Ratios below 1 mean dpo_minimal is faster or smaller.
 - At 124M the 3,647-token head is ~3% of the FLOPs: the transformer body (and GPT-2's
   Python-level tanh GELU, ~25% of CPU time) dominates, and there the head lever buys nothing.
   On an idle machine our steady-state step is SLOWER than TRL's (about 1.3x, table above),
-  while doing the same matmuls (profiled: 96 addmm per step on both sides). Not yet
-  explained; the growing RSS below points at allocator behaviour. Open work for issue 10.
+  while doing the same matmuls (profiled: 96 addmm and 337 mm per step on both sides).
+  torch.profiler on one steady-state step, idle machine: matmuls 6.7 s ours vs 6.1 s TRL,
+  but the elementwise ops of GPT-2's tanh GELU on (8, 128, 3072) tensors take 4.8 s ours
+  vs 1.0 s TRL (mul 13 ms vs 1.8 ms a call): the same kernels on fresh, page-faulting
+  memory in our process. Calling malloc_trim(0) after each step keeps our RSS flat
+  (2.8 GiB instead of 4.0 GiB after 3 steps) but gains only ~1 s a step. Allocator
+  behaviour, not arithmetic: open work for issue 10.
 - Peak RSS at 124M creeps up step after step on our side under glibc's default allocator (heap
   fragmentation: with `MALLOC_MMAP_THRESHOLD_=131072` one 2-step run peaks at ~1.9 GiB instead of
   ~3.8 GiB); TRL's stays flat. The first step peaks the same on both sides.
