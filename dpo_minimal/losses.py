@@ -19,10 +19,20 @@ def _check(tensors: dict, loss_type: str, beta: float, label_smoothing: float) -
         )
     if label_smoothing and loss_type not in ("sigmoid", "robust"):
         raise ValueError(f"label_smoothing applies to 'sigmoid' and 'robust', not {loss_type!r}.")
+    _check_shapes(tensors)
+
+
+def _check_shapes(tensors: dict) -> None:
+    """All given (non-None) tensors are 1-D and of one shape (B,)."""
     shapes = {name: tuple(t.shape) for name, t in tensors.items() if t is not None}
     first = next(iter(shapes.values()))
     if len(first) != 1 or any(s != first for s in shapes.values()):
         raise ValueError(f"all inputs must be 1-D tensors of the same shape (B,), got {shapes}.")
+
+
+def _check_lengths(chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor) -> None:
+    if (chosen_lengths <= 0).any() or (rejected_lengths <= 0).any():
+        raise ValueError("chosen_lengths and rejected_lengths must be positive.")
 
 
 def dpo_loss(
@@ -77,8 +87,7 @@ def dpo_loss(
         if chosen_lengths is None or rejected_lengths is None:
             raise ValueError(f"loss_type={loss_type!r} averages per token: pass chosen_lengths "
                              "and rejected_lengths (response token counts).")
-        if (chosen_lengths <= 0).any() or (rejected_lengths <= 0).any():
-            raise ValueError("chosen_lengths and rejected_lengths must be positive.")
+        _check_lengths(chosen_lengths, rejected_lengths)
         if loss_type == "ipo":
             chosen_ratio = chosen_ratio / chosen_lengths
             rejected_ratio = rejected_ratio / rejected_lengths
@@ -200,13 +209,10 @@ def orpo_loss(
     """
     if not lambda_or > 0:
         raise ValueError(f"lambda_or must be > 0, got {lambda_or}.")
-    tensors = (policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths)
-    if policy_chosen_logps.dim() != 1 or any(t.shape != policy_chosen_logps.shape
-                                             for t in tensors):
-        raise ValueError("all inputs must be 1-D tensors of the same shape (B,), got "
-                         f"{[tuple(t.shape) for t in tensors]}.")
-    if (chosen_lengths <= 0).any() or (rejected_lengths <= 0).any():
-        raise ValueError("chosen_lengths and rejected_lengths must be positive.")
+    _check_shapes(dict(policy_chosen_logps=policy_chosen_logps,
+                       policy_rejected_logps=policy_rejected_logps,
+                       chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths))
+    _check_lengths(chosen_lengths, rejected_lengths)
     chosen_avg = policy_chosen_logps / chosen_lengths  # log p_w, < 0
     rejected_avg = policy_rejected_logps / rejected_lengths  # log p_l
     log_odds = (chosen_avg - _log1m_exp(chosen_avg)) - (rejected_avg - _log1m_exp(rejected_avg))

@@ -8,7 +8,7 @@ These are estimates: a measurement on the GPU is the final word (benchmarks/memo
 
 import torch
 
-from .models import LORA_TARGETS
+from .models import lora_target_names
 
 GIB = 2**30
 T4_USABLE_GIB = 14.75  # a T4's 15 GiB as the CUDA allocator sees it, less what the driver keeps
@@ -56,12 +56,7 @@ def lora_targets(model, target_modules: list[str] | None = None) -> list[tuple[s
     """
     from transformers.pytorch_utils import Conv1D
 
-    if target_modules is None:
-        arch = model.config.model_type
-        if arch not in LORA_TARGETS:
-            raise ValueError(f"no default LoRA targets for model_type {arch!r}: pass "
-                             "target_modules.")
-        target_modules = LORA_TARGETS[arch]
+    target_modules = lora_target_names(model, target_modules)
     out = []
     for name, module in model.named_modules():
         if name.split(".")[-1] not in target_modules:

@@ -88,6 +88,17 @@ def load_model(name: str, dtype: torch.dtype | None = None, device: str | None =
     return model.eval(), tokenizer
 
 
+def lora_target_names(model, target_modules: list[str] | None = None) -> list[str]:
+    """`target_modules`, or the architecture's defaults from LORA_TARGETS (else ValueError)."""
+    if target_modules is not None:
+        return target_modules
+    arch = model.config.model_type
+    if arch not in LORA_TARGETS:
+        raise ValueError(f"no default LoRA targets for model_type {arch!r}: pass "
+                         "target_modules, e.g. the names of its attention projections.")
+    return LORA_TARGETS[arch]
+
+
 def add_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.05,
              target_modules: list[str] | None = None):
     """Wrap `model` in a peft LoRA adapter; the base weights are frozen.
@@ -98,18 +109,12 @@ def add_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.05,
     """
     from peft import LoraConfig, get_peft_model
 
-    arch = model.config.model_type
-    if target_modules is None:
-        if arch not in LORA_TARGETS:
-            raise ValueError(f"no default LoRA targets for model_type {arch!r}: pass "
-                             "target_modules, e.g. the names of its attention projections.")
-        target_modules = LORA_TARGETS[arch]
     config = LoraConfig(
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
-        target_modules=target_modules,
-        fan_in_fan_out=arch == "gpt2",
+        target_modules=lora_target_names(model, target_modules),
+        fan_in_fan_out=model.config.model_type == "gpt2",
         bias="none",
         task_type="CAUSAL_LM",
     )
