@@ -84,7 +84,7 @@ def _lora_config():
                       task_type="CAUSAL_LM")
 
 
-def _run_ours(model, tokenizer, rows, setup, steps) -> dict:
+def _run_ours(model, tokenizer, rows, setup, steps, fused_gelu=True) -> dict:
     import torch
 
     from dpo_minimal import add_lora, load_preferences
@@ -95,13 +95,14 @@ def _run_ours(model, tokenizer, rows, setup, steps) -> dict:
     torch.manual_seed(SEED)  # the LoRA A init
     model = add_lora(model, target_modules=TARGETS, **LORA)
     config = TrainConfig(max_steps=steps, max_prompt_length=MAX_PROMPT_LENGTH,
-                         lr_scheduler="cosine", seed=SEED, progress=False, **setup)
+                         lr_scheduler="cosine", seed=SEED, progress=False,
+                         fused_gelu=fused_gelu, **setup)
     history = train(model, tokenizer, data, config)
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "first_loss": history[0]["loss"], "last_loss": history[-1]["loss"]}
 
 
-def _run_trl(model, tokenizer, rows, setup, steps) -> dict:
+def _run_trl(model, tokenizer, rows, setup, steps, fused_gelu=None) -> dict:
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -134,22 +135,27 @@ def _run_trl(model, tokenizer, rows, setup, steps) -> dict:
     return {"seconds": seconds, "first_loss": losses[0], "last_loss": losses[-1]}
 
 
-def worker(side: str, model_name: str, steps: int) -> dict:
-    """One measurement in this process: build the model (untimed), run one side, read peak RSS."""
+def worker(side: str, model_name: str, steps: int, pairs: int = 0, fused_gelu=True) -> dict:
+    """One measurement in this process: build the model (untimed), run one side, read peak RSS.
+
+    pairs > 0 keeps only the first `pairs` rows (so that short runs reach a second epoch);
+    fused_gelu=False runs ours without `models.fused_gelu` (an ablation; TRL ignores it).
+    """
     import torch
 
     model, tokenizer = _model(model_name)
-    rows = _rows(model_name)
+    rows = _rows(model_name)[: pairs or None]
     run = _run_ours if side == "ours" else _run_trl
-    result = run(model, tokenizer, rows, SETUPS[model_name], steps)
+    result = run(model, tokenizer, rows, SETUPS[model_name], steps, fused_gelu=fused_gelu)
     rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     return {"side": side, "model": model_name, "steps": steps, "threads": torch.get_num_threads(),
             "peak_rss_mib": rss_kib / 1024, **result}
 
 
-def _spawn(side: str, model_name: str, steps: int) -> dict:
+def _spawn(side: str, model_name: str, steps: int, pairs: int = 0, fused_gelu=True) -> dict:
     cmd = [sys.executable, __file__, "--worker", side, "--model", model_name, "--steps", str(steps),
-           "--threads", os.environ["OMP_NUM_THREADS"]]
+           "--threads", os.environ["OMP_NUM_THREADS"], "--pairs", str(pairs)]
+    cmd += [] if fused_gelu else ["--no-fused-gelu"]
     env = {**os.environ, "DPO_COURSE_MODE": "smoke", "TOKENIZERS_PARALLELISM": "false",
            "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONHASHSEED": "0"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -157,7 +163,9 @@ def _spawn(side: str, model_name: str, steps: int) -> dict:
         sys.stderr.write(proc.stderr[-4000:])
         raise RuntimeError(f"worker {side} {model_name} {steps} failed ({proc.returncode})")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(f"  {side:4s} {model_name:9s} steps={steps:3d}  {result['seconds']:8.2f} s  "
+    label = side if fused_gelu else f"{side}, gelu_new"
+    print(f"  {label:14s} {model_name:9s} pairs={pairs or 'all':3} steps={steps:3d}  "
+          f"{result['seconds']:8.2f} s  "
           f"peak RSS {result['peak_rss_mib']:7.0f} MiB  loss {result['first_loss']:.4f} -> "
           f"{result['last_loss']:.4f}", flush=True)
     return result
@@ -175,13 +183,19 @@ def main() -> None:
     parser.add_argument("--tiny-steps", type=int, default=32)
     parser.add_argument("--short", type=int, default=1, help="124M: the short run's steps")
     parser.add_argument("--long", type=int, default=3, help="124M: the long run's steps")
+    parser.add_argument("--epoch2-pairs", type=int, default=8,
+                        help="124M, second-epoch row: train on this many pairs (2 steps/epoch)")
+    parser.add_argument("--pairs", type=int, default=0, help="worker: first N rows (0: all)")
+    parser.add_argument("--no-fused-gelu", action="store_true",
+                        help="worker ours: TrainConfig(fused_gelu=False), the ablation")
     parser.add_argument("--no-write", action="store_true", help="don't write RESULTS.md")
     args = parser.parse_args()
     if args.worker:
         import torch
 
         torch.set_num_threads(args.threads)
-        print(json.dumps(worker(args.worker, args.model, args.steps)))
+        print(json.dumps(worker(args.worker, args.model, args.steps, args.pairs,
+                                not args.no_fused_gelu)))
         return
     bench(args)
 
@@ -195,24 +209,40 @@ def _load() -> str:
     return f"{one:.1f} / {five:.1f} / {fifteen:.1f}"
 
 
+# (label, side, fused_gelu): ours as shipped, TRL, and ours without fused_gelu (ablation).
+SIDES = [("ours", "ours", True), ("trl", "trl", True), ("gelu_new", "ours", False)]
+
+
+def _per_step(side: str, fused: bool, short: int, long: int, pairs: int = 0) -> tuple:
+    """Steady-state seconds per step, (t(long) - t(short)) / (long - short), and both peaks."""
+    a = _spawn(side, "gpt2-124m", short, pairs, fused)
+    b = _spawn(side, "gpt2-124m", long, pairs, fused)
+    return (b["seconds"] - a["seconds"]) / (long - short), [a["peak_rss_mib"], b["peak_rss_mib"]]
+
+
 def bench(args) -> None:
-    """Alternate the two sides run by run (so a change in machine load hits both), then report."""
+    """Alternate the sides run by run (so a change in machine load hits all), then report."""
     start, load_before = time.time(), _load()
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    tiny = {"ours": [], "trl": []}
-    steps = {"ours": [], "trl": []}  # (t_long - t_short) / (long - short) per run
-    rss_124m = {"ours": [], "trl": []}
+    tiny = {label: [] for label, _, _ in SIDES}
+    steps = {label: [] for label, _, _ in SIDES}  # 124M, epoch 1
+    rss_124m = {label: [] for label, _, _ in SIDES}
+    epoch2 = {"ours": [], "trl": []}  # 124M, steps of the second epoch
     print(f"tiny GPT-2, whole call, {args.tiny_steps} steps, {args.runs} runs per side")
     for _ in range(args.runs):
-        for side in ("ours", "trl"):
-            tiny[side].append(_spawn(side, "tiny", args.tiny_steps))
+        for label, side, fused in SIDES:
+            tiny[label].append(_spawn(side, "tiny", args.tiny_steps, fused_gelu=fused))
     print(f"GPT-2 124M arch, per step: t({args.long}) - t({args.short}), {args.runs_124m} runs")
     for _ in range(args.runs_124m):
-        for side in ("ours", "trl"):
-            short = _spawn(side, "gpt2-124m", args.short)
-            long = _spawn(side, "gpt2-124m", args.long)
-            steps[side].append((long["seconds"] - short["seconds"]) / (args.long - args.short))
-            rss_124m[side] += [short["peak_rss_mib"], long["peak_rss_mib"]]
+        for label, side, fused in SIDES:
+            seconds, peaks = _per_step(side, fused, args.short, args.long)
+            steps[label].append(seconds)
+            rss_124m[label] += peaks
+    n = args.epoch2_pairs // SETUPS["gpt2-124m"]["batch_size"]  # steps per epoch
+    print(f"GPT-2 124M arch, {args.epoch2_pairs} pairs: epoch 2 = t({2 * n}) - t({n})")
+    for _ in range(args.runs_124m):
+        for label in epoch2:
+            epoch2[label].append(_per_step(label, True, n, 2 * n, args.epoch2_pairs)[0])
     rows = []
 
     def row(name, ours, trl, unit, fmt):
@@ -220,13 +250,26 @@ def bench(args) -> None:
         rows.append(f"| {name} | {o_min:{fmt}} / {o_med:{fmt}} | {t_min:{fmt}} / {t_med:{fmt}} "
                     f"| **{o_min / t_min:.2f}x** / **{o_med / t_med:.2f}x** | {unit} |")
 
-    row(f"tiny GPT-2, whole call, {args.tiny_steps} steps", [r["seconds"] for r in tiny["ours"]],
-        [r["seconds"] for r in tiny["trl"]], "s", ".2f")
+    def seconds(runs):
+        return [r["seconds"] for r in runs]
+
+    def peaks(runs):
+        return [r["peak_rss_mib"] for r in runs]
+
+    row(f"tiny GPT-2, whole call, {args.tiny_steps} steps", seconds(tiny["ours"]),
+        seconds(tiny["trl"]), "s", ".2f")
     row("GPT-2 124M + LoRA, per step (4 pairs x 128 tokens)", steps["ours"], steps["trl"],
         "s/step", ".2f")
-    row("tiny GPT-2, peak RSS", [r["peak_rss_mib"] for r in tiny["ours"]],
-        [r["peak_rss_mib"] for r in tiny["trl"]], "MiB", ".0f")
+    row("tiny GPT-2, peak RSS", peaks(tiny["ours"]), peaks(tiny["trl"]), "MiB", ".0f")
     row("GPT-2 124M + LoRA, peak RSS", rss_124m["ours"], rss_124m["trl"], "MiB", ".0f")
+    row(f"GPT-2 124M + LoRA, per step in epoch 2 ({args.epoch2_pairs} pairs)", epoch2["ours"],
+        epoch2["trl"], "s/step", ".2f")
+    row("ablation, ours with fused_gelu=False: tiny whole call", seconds(tiny["gelu_new"]),
+        seconds(tiny["trl"]), "s", ".2f")
+    row("ablation, ours with fused_gelu=False: 124M per step", steps["gelu_new"], steps["trl"],
+        "s/step", ".2f")
+    row("ablation, ours with fused_gelu=False: 124M peak RSS", rss_124m["gelu_new"],
+        rss_124m["trl"], "MiB", ".0f")
     losses = {side: (tiny[side][0]["first_loss"], tiny[side][0]["last_loss"]) for side in tiny}
     minutes = (time.time() - start) / 60
     table = "\n".join(["| measurement | ours: min / median | TRL: min / median | "

@@ -152,12 +152,18 @@ def tokenize_pair(example: dict, tokenizer, max_length: int,
     A prompt that alone fills `max_length` leaves no response to train on and raises.
     Returns prompt_ids, chosen_ids, rejected_ids (lists of ints).
     """
+    texts = [example["prompt"], example["chosen"], example["rejected"]]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return _truncate(*ids, tokenizer, max_length, max_prompt_length)
+
+
+def _truncate(prompt_ids, chosen_ids, rejected_ids, tokenizer, max_length: int,
+              max_prompt_length: int | None) -> dict:
+    """tokenize_pair's truncation rule on already encoded texts."""
     if max_prompt_length is not None and max_prompt_length <= 0:
         raise ValueError(f"max_prompt_length must be positive or None, got {max_prompt_length}.")
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token, which ends every response; set one.")
-    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    prompt_ids = encode(example["prompt"])
     if max_prompt_length is not None:
         prompt_ids = prompt_ids[-max_prompt_length:]
     room = max_length - len(prompt_ids)
@@ -167,8 +173,8 @@ def tokenize_pair(example: dict, tokenizer, max_length: int,
                          "it, or drop such pairs (drop_overlong=True).")
     return {
         "prompt_ids": prompt_ids,
-        "chosen_ids": (encode(example["chosen"]) + [tokenizer.eos_token_id])[:room],
-        "rejected_ids": (encode(example["rejected"]) + [tokenizer.eos_token_id])[:room],
+        "chosen_ids": (chosen_ids + [tokenizer.eos_token_id])[:room],
+        "rejected_ids": (rejected_ids + [tokenizer.eos_token_id])[:room],
     }
 
 
@@ -176,15 +182,20 @@ def tokenize_preferences(data, tokenizer, max_length: int, max_prompt_length: in
                          drop_overlong: bool = False) -> list[dict]:
     """tokenize_pair over a data set (rows with prompt, chosen, rejected).
 
-    A pair whose prompt alone fills `max_length` raises, naming its row; with
-    `drop_overlong=True` such pairs are dropped instead and counted in a warning. A data set
-    left empty raises.
+    Every text goes to the tokenizer in one batched call (a fast tokenizer then encodes them
+    together); the ids are the same as pair by pair. A pair whose prompt alone fills
+    `max_length` raises, naming its row; with `drop_overlong=True` such pairs are dropped instead
+    and counted in a warning. A data set left empty raises.
     """
     check_pad_token(tokenizer)
+    rows = list(data)
+    texts = [row[column] for row in rows for column in ("prompt", "chosen", "rejected")]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     out, dropped = [], []
-    for i, example in enumerate(data):
+    for i in range(len(rows)):
         try:
-            out.append(tokenize_pair(example, tokenizer, max_length, max_prompt_length))
+            out.append(_truncate(*ids[3 * i: 3 * i + 3], tokenizer, max_length,
+                                 max_prompt_length))
         except ValueError as err:
             if not (drop_overlong and "fills max_length" in str(err)):
                 raise ValueError(f"row {i}: {err}") from None

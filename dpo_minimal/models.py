@@ -1,5 +1,6 @@
 """Models: tiny offline versions of the real architectures, the from_pretrained path, LoRA."""
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -21,6 +22,39 @@ LORA_TARGETS = {
     "gpt2": ["c_attn", "c_proj", "c_fc"],
     "phi": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
 }
+
+
+class TanhGELU(torch.nn.Module):
+    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) as PyTorch's one fused kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.gelu(x, approximate="tanh")
+
+
+@contextmanager
+def fused_gelu(model):
+    """Inside the block, run the model's Python tanh GELU as one fused kernel; then restore it.
+
+    GPT-2 and phi-2 use transformers' "gelu_new" (and some models "gelu_fast"): the tanh
+    approximation written as about eight elementwise ops, each a pass over a (rows, T, f) tensor,
+    four of which autograd keeps for the backward pass. `TanhGELU` computes the same function
+    (equal to float rounding, ~5e-7 at |x| = 16) in one pass and keeps only its input. Modules
+    of other types are left alone; the swapped ones are put back on exit, even on error.
+    """
+    from transformers.activations import FastGELUActivation, NewGELUActivation
+
+    swapped = []
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if type(child) in (NewGELUActivation, FastGELUActivation):
+                swapped.append((parent, name, child))
+    for parent, name, _ in swapped:
+        setattr(parent, name, TanhGELU())
+    try:
+        yield model
+    finally:
+        for parent, name, child in swapped:
+            setattr(parent, name, child)
 
 
 def course_tokenizer() -> PreTrainedTokenizerFast:

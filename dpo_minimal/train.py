@@ -5,7 +5,7 @@ import math
 import resource
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from .data import check_pad_token, collate_pairs, tokenize_preferences
 from .logprobs import response_logps
 from .losses import LOSS_TYPES, dpo_loss
+from .models import fused_gelu
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -44,6 +45,8 @@ class TrainConfig:
     eval_batch_size: int = 8
     device: str | None = None  # default: the model's device
     progress: bool = True
+    fused_gelu: bool = True  # run gelu_new as one kernel (models.fused_gelu): faster, less memory
+    cache_reference: bool = True  # keep each pair's reference log-probs after their first pass
 
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:
@@ -142,18 +145,30 @@ def _forward_logps(model, batch: dict, config: TrainConfig, device, with_entropy
 
 
 def _reference_logps(model, batch, chunk, config, device, reference):
-    """(2B,) reference log-probs: a cache (N, 2), a reference model, or the disabled adapter."""
-    if isinstance(reference, torch.Tensor):
+    """(2B,) reference log-probs of the chunk's pairs.
+
+    `reference` is None (the peft model with its adapter disabled), a reference model, or an
+    (N, 2) cache of chosen/rejected log-probs indexed by pair. A cache answers when it holds every
+    pair of the chunk; NaN rows are computed with the disabled adapter and filled in, which is
+    exact because the reference never changes.
+    """
+    cache = reference if isinstance(reference, torch.Tensor) else None
+    if cache is not None:
         index = torch.tensor([p["index"] for p in chunk])
-        return torch.cat([reference[index, 0], reference[index, 1]]).to(device)
+        if not cache[index].isnan().any():
+            return torch.cat([cache[index, 0], cache[index, 1]]).to(device)
     with torch.no_grad():
-        if reference is not None:
+        if reference is not None and cache is None:
             return _forward_logps(reference, batch, config, device)[0]
         if not _is_peft(model):
             raise ValueError("no reference: pass a peft model (its adapter is disabled for the "
                              "reference) or a reference_model.")
         with model.disable_adapter():
-            return _forward_logps(model, batch, config, device)[0]
+            logps = _forward_logps(model, batch, config, device)[0]
+    if cache is not None:
+        b = len(chunk)
+        cache[index] = torch.stack([logps[:b], logps[b:]], dim=1).float().cpu()
+    return logps
 
 
 def _tokenize(data, tokenizer, config: TrainConfig) -> list[dict]:
@@ -268,15 +283,29 @@ def evaluate(model, tokenizer, data, config: TrainConfig, reference_model=None) 
     check_pad_token(tokenizer)
     device = torch.device(config.device) if config.device else next(model.parameters()).device
     pairs = _tokenize(data, tokenizer, config)
-    return _evaluate_pairs(model, tokenizer, pairs, config, device, reference_model)
+    with _fast_activations(config, model, reference_model):
+        return _evaluate_pairs(model, tokenizer, pairs, config, device, reference_model)
+
+
+def _fast_activations(config: TrainConfig, *models) -> ExitStack:
+    """`models.fused_gelu` on each model (None is skipped) when config.fused_gelu is set."""
+    stack = ExitStack()
+    for model in models if config.fused_gelu else ():
+        if model is not None:
+            stack.enter_context(fused_gelu(model))
+    return stack
 
 
 def train(model, tokenizer, train_data, config: TrainConfig, eval_data=None) -> History:
     """Train `model` with a preference loss on `train_data`; returns the per-step History.
 
-    - Reference: a peft model's adapter disabled, so no second copy of the weights. A model
-      without an adapter (full fine-tuning) gets its reference log-probs computed once, before
-      the first step, from its initial weights.
+    - Reference: a peft model's adapter disabled, so no second copy of the weights. With
+      `cache_reference` (default) each pair's reference log-probs are kept after their first
+      pass, so from the second epoch on a step skips the reference forward. A model without an
+      adapter (full fine-tuning) gets its reference log-probs computed once, before the first
+      step, from its initial weights.
+    - With `fused_gelu` (default) the model's Python tanh GELU runs as one fused kernel during
+      training (`models.fused_gelu`; the modules are restored on return).
     - Dropout is set to 0 (in place) so step 0 is exactly the reference: loss ln 2.
     - One concatenated chosen+rejected forward per micro-batch; AdamW on trainable parameters;
       warmup + cosine/linear schedule; gradient clipping; autocast (+ GradScaler for float16).
@@ -286,6 +315,11 @@ def train(model, tokenizer, train_data, config: TrainConfig, eval_data=None) -> 
       call evaluate() before training for the reference's values.
     - A non-finite loss stops training with NonFiniteLossError naming the step and dtype.
     """
+    with _fast_activations(config, model):
+        return _train(model, tokenizer, train_data, config, eval_data)
+
+
+def _train(model, tokenizer, train_data, config: TrainConfig, eval_data) -> History:
     check_pad_token(tokenizer)
     device = torch.device(config.device) if config.device else next(model.parameters()).device
     torch.manual_seed(config.seed)
@@ -306,11 +340,15 @@ def train(model, tokenizer, train_data, config: TrainConfig, eval_data=None) -> 
                          "float32 trainable weights: load the model in float32 for full "
                          "fine-tuning, or train LoRA adapters (peft keeps them in float32).")
     _check_precision(config, device)
-    reference = eval_reference = None  # None: the peft adapter, disabled
+    reference = eval_reference = None  # None: the peft adapter, disabled, at every step
     if not _is_peft(model):  # full fine-tuning: freeze the initial policy's log-probs
         reference = _cache_reference(model, tokenizer, pairs, config, device)
         if eval_pairs is not None:
             eval_reference = _cache_reference(model, tokenizer, eval_pairs, config, device)
+    elif config.cache_reference:  # filled as pairs come up; from epoch 2 on, no reference pass
+        reference = torch.full((len(pairs), 2), float("nan"))
+        if eval_pairs is not None:
+            eval_reference = torch.full((len(eval_pairs), 2), float("nan"))
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate,
                                   weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))

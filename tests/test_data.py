@@ -146,3 +146,17 @@ def test_prompt_template():
     (out,) = load_preferences([{**ROW, "system": "Be honest."}],
                               prompt_template="{system}\nInstruct: {prompt}\nOutput:").to_list()
     assert out["prompt"] == "Be honest.\nInstruct: Can you smell coffee?\nOutput:"
+
+
+def test_batched_tokenization_equals_pair_by_pair():
+    tok = course_tokenizer()
+    data = load_preferences(shipped_data_path("train"))
+    batched = tokenize_preferences(data, tok, max_length=48, max_prompt_length=8)
+    assert batched == [tokenize_pair(row, tok, 48, 8) for row in data]
+    for row, pair in zip(data, batched, strict=True):  # and each text encoded on its own
+        prompt = tok(row["prompt"], add_special_tokens=False)["input_ids"][-8:]
+        chosen = tok(row["chosen"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert pair["prompt_ids"] == prompt
+        assert pair["chosen_ids"] == chosen[: 48 - len(prompt)]
+    assert any(len(p["prompt_ids"]) == 8 for p in batched)  # the prompt rule did cut some
+    assert any(len(p["prompt_ids"]) + len(p["chosen_ids"]) == 48 for p in batched)

@@ -118,3 +118,27 @@ def test_adapter_saves_and_reloads_with_identical_logps(tmp_path, arch):
     assert (tmp_path / "adapter_model.safetensors").exists()
     reloaded = PeftModel.from_pretrained(tiny_model(arch)[0], tmp_path).eval()
     torch.testing.assert_close(_logps(reloaded, tok), trained, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "phi"])
+def test_fused_gelu_computes_the_same_function_and_restores_the_modules(arch):
+    from transformers.activations import NewGELUActivation
+
+    from dpo_minimal.models import TanhGELU, fused_gelu
+
+    model, tok = tiny_model(arch)
+    originals = [m for m in model.modules() if isinstance(m, NewGELUActivation)]
+    assert len(originals) == 4  # one per layer: both architectures use "gelu_new"
+    before = _logps(model, tok)
+    with fused_gelu(model):
+        assert sum(isinstance(m, TanhGELU) for m in model.modules()) == 4
+        assert not any(isinstance(m, NewGELUActivation) for m in model.modules())
+        fused = _logps(model, tok)
+    torch.testing.assert_close(fused, before, atol=1e-5, rtol=1e-6)
+    after = [m for m in model.modules() if isinstance(m, NewGELUActivation)]
+    assert all(a is b for a, b in zip(after, originals, strict=True))  # the same objects back
+    with pytest.raises(RuntimeError), fused_gelu(model):
+        raise RuntimeError("boom")
+    assert not any(isinstance(m, TanhGELU) for m in model.modules())  # restored on error too
+    x = torch.linspace(-16, 16, 10_001)
+    torch.testing.assert_close(TanhGELU()(x), NewGELUActivation()(x), atol=1e-6, rtol=1e-6)

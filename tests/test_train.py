@@ -77,6 +77,42 @@ def test_gradient_accumulation_and_checkpointing_run():
     assert len(history) == 2 and all(math.isfinite(r["loss"]) for r in history)
 
 
+def _count_reference_passes(model) -> list:
+    """Wrap model.disable_adapter (the reference forward) to count its uses."""
+    calls, original = [], model.disable_adapter
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    model.disable_adapter = counted
+    return calls
+
+
+def test_reference_cache_skips_the_reference_pass_from_the_second_epoch():
+    data = DATA.select(range(8))  # 2 batches of 4 pairs: 6 steps are 3 epochs
+    runs = {}
+    for cache in (True, False):
+        model, tok = _lora()
+        calls = _count_reference_passes(model)
+        history = train(model, tok, data, _config(max_steps=6, cache_reference=cache))
+        runs[cache] = ([row["loss"] for row in history], len(calls))
+    assert runs[True][1] == 2 and runs[False][1] == 6  # epoch 1 only vs every step
+    torch.testing.assert_close(runs[True][0], runs[False][0], atol=1e-5, rtol=1e-5)
+    assert runs[True][0][-1] < runs[True][0][0]
+
+
+def test_fused_gelu_follows_the_same_trajectory_and_is_undone():
+    from transformers.activations import NewGELUActivation
+
+    losses = {}
+    for fused in (True, False):
+        model, tok = _lora()
+        losses[fused] = [row["loss"] for row in train(model, tok, DATA, _config(fused_gelu=fused))]
+        assert sum(isinstance(m, NewGELUActivation) for m in model.modules()) == 4
+    torch.testing.assert_close(losses[True], losses[False], atol=1e-5, rtol=1e-5)
+
+
 def test_non_finite_loss_stops_with_a_clear_error():
     model, tok = _lora()
     with torch.no_grad():  # poison a trainable weight so the policy's logits become NaN

@@ -7,6 +7,7 @@ Skipped when trl is not installed (it is the `bench` extra).
 """
 
 import math
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ trl = pytest.importorskip("trl")
 
 from dpo_minimal import collate_pairs, dpo_loss, load_preferences, sequence_logps  # noqa: E402
 from dpo_minimal import shipped_data_path, tiny_model, tokenize_preferences  # noqa: E402
+from dpo_minimal.models import fused_gelu  # noqa: E402
 from dpo_minimal.train import (  # noqa: E402
     TrainConfig,
     _forward_logps,
@@ -24,6 +26,10 @@ from dpo_minimal.train import (  # noqa: E402
 
 BETA = 0.5
 TOL = 1e-6
+# fused_gelu changes the forward by float rounding (~1 ulp per activation), so its summed
+# log-probs (about -300 here, where float32's spacing is 3e-5) move by that much, and the loss
+# and metrics by up to ~1e-5 x beta. Bit-for-bit parity is the unfused path's, at TOL.
+TOL_FUSED = 1e-5
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
            "logps/chosen", "logps/rejected")
 
@@ -66,30 +72,36 @@ def _trl(trainer, model, batch, loss_type, label_smoothing=0.0):
     return loss.item(), metrics
 
 
-def _ours(model, pairs, batch, loss_type, label_smoothing=0.0):
-    """Our trainer's path: concatenated forward, disabled-adapter reference, dpo_loss."""
+def _ours(model, pairs, batch, loss_type, label_smoothing=0.0, fused=False):
+    """Our trainer's path: concatenated forward, disabled-adapter reference, dpo_loss.
+
+    With `fused`, GPT-2's gelu_new runs as one kernel, as it does in `train` by default.
+    """
     config = TrainConfig(beta=BETA, loss_type=loss_type, label_smoothing=label_smoothing)
     device = torch.device("cpu")
-    policy, _ = _forward_logps(model, batch, config, device)
-    reference = _reference_logps(model, batch, pairs, config, device, None)
+    with fused_gelu(model) if fused else nullcontext():
+        policy, _ = _forward_logps(model, batch, config, device)
+        reference = _reference_logps(model, batch, pairs, config, device, None)
     losses, sums = _pair_metrics(policy, reference, batch, config)
     n = len(pairs)
     return losses.mean().item(), {key: sums[key] / n for key in METRICS}, policy, reference
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["gelu_new", "fused_gelu"])
 @pytest.mark.parametrize("loss_type, label_smoothing",
                          [("sigmoid", 0.0), ("ipo", 0.0), ("hinge", 0.0), ("robust", 0.1)])
-def test_loss_and_metrics_match_trl(setup, loss_type, label_smoothing):
+def test_loss_and_metrics_match_trl(setup, loss_type, label_smoothing, fused):
     trainer, model, pairs, batch = setup
     trl_loss, trl_metrics = _trl(trainer, model, batch, loss_type, label_smoothing)
     our_loss, our_metrics, policy, reference = _ours(model, pairs, batch, loss_type,
-                                                     label_smoothing)
-    assert abs(our_loss - trl_loss) < TOL
+                                                     label_smoothing, fused)
+    tol = TOL_FUSED if fused else TOL
+    assert abs(our_loss - trl_loss) < tol
     assert abs(our_loss - math.log(2)) > 1e-2  # the perturbed adapter moved the policy
     if loss_type == "ipo":  # our IPO rewards are per-token averaged, TRL logs summed ones
         our_metrics = _summed_rewards(policy, reference, batch)
     for key in METRICS:
-        assert our_metrics[key] == pytest.approx(trl_metrics[key], abs=TOL, rel=TOL), key
+        assert our_metrics[key] == pytest.approx(trl_metrics[key], abs=tol, rel=TOL), key
     assert our_metrics["rewards/margins"] != 0
 
 
