@@ -87,6 +87,8 @@ def _lora_config():
 def _run_ours(model, tokenizer, rows, setup, steps, fused_gelu=True) -> dict:
     import torch
 
+    import peft  # noqa: F401  imports are untimed on both sides, and `import trl` loads peft
+
     from dpo_minimal import add_lora, load_preferences
     from dpo_minimal.train import TrainConfig, train
 
@@ -298,64 +300,75 @@ def _versions() -> str:
 def _report(args, table, losses, minutes, load_before) -> str:
     command = " ".join(["python benchmarks/bench_vs_trl.py", *sys.argv[1:]])
     (o_first, o_last), (t_first, t_last) = losses["ours"], losses["trl"]
+    g_first, g_last = losses["gelu_new"]
+    n = args.epoch2_pairs // SETUPS["gpt2-124m"]["batch_size"]
     return f"""# dpo_minimal vs TRL DPOTrainer: benchmark results
 
 Written by `make bench` (`{command}`), {time.strftime("%Y-%m-%d %H:%M %Z")}, in
 {minutes:.1f} minutes. Each cell is the minimum / median over the runs; each run is its own
-subprocess (peak RSS = `getrusage(RUSAGE_SELF).ru_maxrss` of that process); the two sides
+subprocess (peak RSS = `getrusage(RUSAGE_SELF).ru_maxrss` of that process); the sides
 alternate run by run. Ratios below 1 mean dpo_minimal is faster or smaller.
 
 {table}
 
+Goals of issue 10: whole call (tiny) <= 0.5x TRL, per step (124M) <= 0.85x, peak RSS <= 0.9x.
+
 - Machine: {_cpu_model()}, {os.cpu_count()} cores, {args.threads} torch thread(s) per worker,
   load average (1 / 5 / 15 min) {load_before} at the start and {_load()} at the end.
-  No GPU machine was lent for this task: CPU only.
+  CPU only: no GPU machine was lent for this task.
 - Versions: {_versions()}.
+- Ours runs `train` as shipped: `TrainConfig` defaults `fused_gelu=True` and
+  `cache_reference=True`. The ablation rows run ours with `fused_gelu=False` (GPT-2's
+  `gelu_new` as transformers writes it, which is what TRL runs) against the same TRL runs.
 - Tiny GPT-2 (`tiny_model("gpt2")`, {args.runs} runs): the whole call from the rows to the
   trained model, {args.tiny_steps} steps, batch 4 pairs, max_length 128, lr 5e-4, beta 0.1,
   LoRA r=16, alpha=32, dropout 0 on c_attn, c_proj, c_fc. Ours: load_preferences + add_lora +
   train. TRL: Dataset + DPOConfig + DPOTrainer (LoRA wrap, dataset map) + train(). Imports and
-  model construction are not timed. Same trajectory: first/last loss ours
-  {o_first:.6f} / {o_last:.6f}, TRL {t_first:.6f} / {t_last:.6f}.
+  model construction are not timed on either side. Same trajectory: first/last loss ours
+  {o_first:.6f} / {o_last:.6f}, ours with fused_gelu=False {g_first:.6f} / {g_last:.6f},
+  TRL {t_first:.6f} / {t_last:.6f}.
 - GPT-2 124M architecture (`GPT2Config()` with the shipped tokenizer's 3,647-token vocabulary
   and special ids, random init, seed 0; {args.runs_124m} runs): rows whose responses are long
   enough that every sequence is 128 tokens; per step = (t({args.long} steps) - t({args.short}
-  step(s))) / {args.long - args.short} over whole calls, so fixed costs cancel.
+  step(s))) / {args.long - args.short} over whole calls, so fixed costs cancel. These steps are
+  all in the first epoch, where every step needs its reference pass. Peak RSS: both runs.
+- Epoch-2 row: the same 124M setup on the first {args.epoch2_pairs} pairs, {n} steps per epoch;
+  per step = (t({2 * n}) - t({n})) / {n}, i.e. the second epoch's steps. Ours reads the
+  reference log-probs it kept in epoch 1; TRL (default `precompute_ref_log_probs=False`)
+  recomputes them every step.
 - Exact commands: `make bench`, i.e. `.venv/bin/python benchmarks/bench_vs_trl.py`
-  (values used here:
-  `--runs {args.runs} --runs-124m {args.runs_124m} --short {args.short} --long {args.long}
-  --threads {args.threads}`); one worker alone:
-  `.venv/bin/python benchmarks/bench_vs_trl.py --worker ours --model tiny --steps 32`.
+  (values used here: `--runs {args.runs} --runs-124m {args.runs_124m} --short {args.short}
+  --long {args.long} --epoch2-pairs {args.epoch2_pairs} --threads {args.threads}`); one
+  worker alone: `.venv/bin/python benchmarks/bench_vs_trl.py --worker ours --model tiny
+  --steps 32` (add `--no-fused-gelu` for the ablation, `--pairs 8` for a subset).
 
-## What moves the numbers (measured while writing this benchmark; see the issue-10 report)
+## What moves the numbers
 
-- Goals: whole call (tiny) <= 0.5x TRL, per step (124M) <= 0.85x, peak RSS <= 0.9x. Read the
-  ratios above against them; on a loaded shared machine, trust the minimum more than the median.
-- Applying the LM head only at response positions (`train._response_logits`, GPT-2 and phi,
-  with or without LoRA) took the tiny whole call from ~18 s to ~13-15 s (TRL ~23-30 s under the
-  same load): the tiny model's head is a third of its forward FLOPs, and TRL's CPU path scores
-  every position, prompt and padding included, plus entropy/mean-logit/top-1 statistics.
-- At 124M the 3,647-token head is ~3% of the FLOPs: the transformer body (and GPT-2's
-  Python-level tanh GELU, ~25% of CPU time) dominates, and there the head lever buys nothing.
-  On an idle machine our steady-state step is SLOWER than TRL's (about 1.3x, table above),
-  while doing the same matmuls (profiled: 96 addmm and 337 mm per step on both sides).
-  torch.profiler on one steady-state step, idle machine: matmuls 6.7 s ours vs 6.1 s TRL,
-  but the elementwise ops of GPT-2's tanh GELU on (8, 128, 3072) tensors take 4.8 s ours
-  vs 1.0 s TRL (mul 13 ms vs 1.8 ms a call): the same kernels on fresh, page-faulting
-  memory in our process. Calling malloc_trim(0) after each step keeps our RSS flat
-  (2.8 GiB instead of 4.0 GiB after 3 steps) but gains only ~1 s a step. Allocator
-  behaviour, not arithmetic: open work for issue 10.
-- Peak RSS at 124M creeps up step after step on our side under glibc's default allocator (heap
-  fragmentation: with `MALLOC_MMAP_THRESHOLD_=131072` one 2-step run peaks at ~1.9 GiB instead of
-  ~3.8 GiB); TRL's stays flat. The first step peaks the same on both sides.
-- Threads: with 2 torch threads per process on a machine already running other jobs, OpenMP
-  oversubscription made a tiny run 8x slower (57 s vs 7.5 s for 8 steps), so workers default to 1.
+Profiled with torch.profiler on one steady-state 124M step (1 thread): with transformers'
+`gelu_new`, GPT-2's MLP activation is about eight elementwise passes over (8, 128, 3072) tensors
+in the forward and more in the backward, and autograd keeps four of those tensors per layer.
+That was about a quarter of our step. `models.fused_gelu` runs the same function as
+`torch.nn.functional.gelu(x, approximate="tanh")`, one kernel that keeps only its input, for
+the duration of `train`/`evaluate`; after it the profile is 87 % matmuls (addmm + mm), which
+run at about the core's peak, so the remaining levers are the ones that skip work:
+
+- applying the LM head at response positions only (`train._response_logits`): about a third
+  of the tiny model's forward FLOPs, ~3 % at 124M;
+- keeping reference log-probs per pair (`cache_reference`): a step of the second and later
+  epochs has no reference forward (the epoch-2 row);
+- not timing our imports (trl's import already loads peft; ours did it inside the timer).
+
+Ablation rows: the same comparison with `fused_gelu=False`. The rest of the gap to TRL on
+the tiny model is TRL's per-step work at every position (full-vocabulary logits, entropy,
+mean logits) and its Trainer machinery.
 
 ## Numerics
 
 `tests/test_trl_parity.py` (run by `make test`) checks on one identical collated batch that our
 loss equals TRL's to 1e-6 for sigmoid, ipo, hinge and robust, with the summed log-probs and the
-rewards/* and logps/* metrics.
+rewards/* and logps/* metrics. With `fused_gelu` the forward changes by float rounding; the same
+test, run under it, agrees to 1e-5 (summed log-probs of about -300 are float32 numbers spaced
+3e-5 apart). The first/last losses above show the trajectories.
 """
 
 
