@@ -84,7 +84,8 @@ def long_pairs(n: int = 16) -> list[dict]:
     return out
 
 
-def measure(dtype: str, checkpointing: bool, steps: int, peak_tflops: float | None) -> dict:
+def measure(dtype: str, checkpointing: bool, steps: int, peak_tflops: float | None,
+            fused_gelu: bool = True) -> dict:
     from transformers import AutoModelForCausalLM
 
     from dpo_minimal import add_lora
@@ -103,11 +104,13 @@ def measure(dtype: str, checkpointing: bool, steps: int, peak_tflops: float | No
     train_config = TrainConfig(beta=0.1, learning_rate=1e-4, batch_size=BATCH_PAIRS,
                                max_length=SEQ_LEN, max_prompt_length=PROMPT_LEN,
                                max_steps=steps, dtype=dtype,
-                               gradient_checkpointing=checkpointing, progress=False)
+                               gradient_checkpointing=checkpointing, progress=False,
+                               fused_gelu=fused_gelu)
     plan = plan_memory(config, batch_pairs=BATCH_PAIRS, seq_len=SEQ_LEN, dtype=dtype,
                        lora_r=LORA_R, gradient_checkpointing=checkpointing,
-                       response_fraction=(SEQ_LEN - PROMPT_LEN) / SEQ_LEN)
-    result = {"dtype": dtype, "checkpointing": checkpointing,
+                       response_fraction=(SEQ_LEN - PROMPT_LEN) / SEQ_LEN,
+                       fused_gelu=fused_gelu)
+    result = {"dtype": dtype, "checkpointing": checkpointing, "fused_gelu": fused_gelu,
               "planned_total_gib": round(plan["total"], 2),
               "planned_allocated_gib": round(plan["total"] - plan["cuda_context"], 2)}
     try:
@@ -141,6 +144,8 @@ def main() -> None:
                         default=["float16:on", "float16:off", "bfloat16:on", "bfloat16:off"])
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--peak-tflops", type=float, default=None)
+    parser.add_argument("--no-fused-gelu", action="store_true",
+                        help="train with transformers' gelu_new as written (what TRL runs)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("this benchmark needs a CUDA GPU (see benchmarks/memory_phi2.md)")
@@ -149,7 +154,8 @@ def main() -> None:
     print(f"device: {name}, peak {peak} TFLOP/s (16-bit), torch {torch.__version__}")
     for setting in args.settings:
         dtype, ckpt = setting.split(":")
-        print(json.dumps(measure(dtype, ckpt == "on", args.steps, peak)), flush=True)
+        print(json.dumps(measure(dtype, ckpt == "on", args.steps, peak,
+                                 not args.no_fused_gelu)), flush=True)
 
 
 if __name__ == "__main__":

@@ -71,7 +71,8 @@ def lora_targets(model, target_modules: list[str] | None = None) -> list[tuple[s
 
 
 def activation_bytes_per_token(config, dtype, lora_r: int = 16, seq_len: int = 512,
-                               attn_implementation: str = "sdpa", model=None) -> float:
+                               attn_implementation: str = "sdpa", model=None,
+                               fused_gelu: bool = True) -> float:
     """Bytes that ONE decoder layer keeps per token for the backward pass (LoRA, frozen base).
 
     With h = hidden size, f = MLP width, a = heads, r = LoRA rank, T = sequence length and
@@ -88,13 +89,16 @@ def activation_bytes_per_token(config, dtype, lora_r: int = 16, seq_len: int = 5
     - attention: q, k, v and the output, 4h; sdpa (flash or memory-efficient kernels) adds a
       float32 log-sum-exp per head (4a bytes), while eager keeps the T x T weights, in float32
       after the softmax and in the compute dtype for the product with v: a * T * (4 + s) bytes;
-    - the MLP: the tanh GELU of both models ("gelu_new"), written as elementwise ops, keeps 4f
-      (its input, x/2, tanh and 1 + tanh); fc2's input is counted with the LoRA inputs.
+    - the MLP's tanh GELU ("gelu_new" in both models): run fused, as `dpo_minimal.train` does
+      by default (`models.fused_gelu`), it keeps only its input, f; written as transformers'
+      elementwise ops (`fused_gelu=False`, what TRL runs) it keeps 4f: its input, x/2, tanh and
+      1 + tanh. fc2's input is counted with the LoRA inputs.
 
     The frozen base weights need no saved inputs (the input's gradient needs only the weight),
     and dropout is off in DPO training (as in TRL), so no masks are kept. For phi-2 in fp16:
-    4h + s * (10h + 5f + 6r) + 4a, about 159 kB per token per layer. For full fine-tuning
-    (lora_r=0) the same inputs are kept, now for the weight gradients.
+    4h + s * (10h + 2f + 6r) + 4a, about 97 kB per token per layer fused, and
+    4h + s * (10h + 5f + 6r) + 4a, about 159 kB, unfused. For full fine-tuning (lora_r=0) the
+    same inputs are kept, now for the weight gradients.
     """
     dtype = _dtype(dtype)
     s = DTYPE_BYTES[dtype]
@@ -114,13 +118,14 @@ def activation_bytes_per_token(config, dtype, lora_r: int = 16, seq_len: int = 5
         per_token += d["a"] * seq_len * (4 + s)  # softmax weights: float32 and compute dtype
     else:
         per_token += 4 * d["a"]  # sdpa's float32 log-sum-exp
-    per_token += s * 4 * d["f"]  # the tanh GELU's intermediates
+    per_token += s * (1 if fused_gelu else 4) * d["f"]  # the GELU's input (+ 3 temporaries)
     return float(per_token)
 
 
 def plan_memory(config, *, batch_pairs: int, seq_len: int, dtype, lora_r: int = 16,
                 gradient_checkpointing: bool = True, response_fraction: float = 1.0,
-                attn_implementation: str = "sdpa", cuda_context_gib: float = 0.5) -> dict:
+                attn_implementation: str = "sdpa", cuda_context_gib: float = 0.5,
+                fused_gelu: bool = True) -> dict:
     """Estimate the peak GPU memory (GiB) of one DPO training step with LoRA.
 
     Args:
@@ -135,6 +140,8 @@ def plan_memory(config, *, batch_pairs: int, seq_len: int, dtype, lora_r: int = 
         response_fraction: share of the T positions that are response tokens (1.0: worst case).
         attn_implementation: "sdpa" (default; no T x T matrix) or "eager".
         cuda_context_gib: allowance for the CUDA context, cuBLAS workspace and fragmentation.
+        fused_gelu: the MLP's tanh GELU runs as one kernel (`dpo_minimal.train`'s default);
+            False counts transformers' elementwise version, as TRL and a plain Trainer run it.
 
     Returns a dict of GiB:
         weights: every parameter in `dtype` (fp16: 2 bytes each, so phi-2 is 5.18 GiB);
@@ -173,7 +180,7 @@ def plan_memory(config, *, batch_pairs: int, seq_len: int, dtype, lora_r: int = 
         weights, adapter = n_params * 4, 0
     tokens = 2 * batch_pairs * seq_len
     per_layer = activation_bytes_per_token(config, dtype, lora_r, seq_len, attn_implementation,
-                                           model=model)
+                                           model=model, fused_gelu=fused_gelu)
     no_ckpt = d["L"] * tokens * per_layer
     ckpt = d["L"] * tokens * d["h"] * s + tokens * per_layer
     response_rows = 2 * batch_pairs * (seq_len - 1) * response_fraction
