@@ -101,7 +101,8 @@ def _run_ours(model, tokenizer, rows, setup, steps, fused_gelu=True) -> dict:
                          fused_gelu=fused_gelu, **setup)
     history = train(model, tokenizer, data, config)
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "first_loss": history[0]["loss"], "last_loss": history[-1]["loss"]}
+    return {"seconds": seconds, "first_loss": history[0]["loss"], "last_loss": history[-1]["loss"],
+            "step_seconds": [row["step_seconds"] for row in history]}
 
 
 def _run_trl(model, tokenizer, rows, setup, steps, fused_gelu=None) -> dict:
@@ -110,9 +111,17 @@ def _run_trl(model, tokenizer, rows, setup, steps, fused_gelu=None) -> dict:
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    losses = []
+    losses, step_seconds = [], []
 
     class Losses(TrainerCallback):
+        """Each step's loss, and its wall time from on_step_begin to on_step_end."""
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            step_seconds.append(time.perf_counter() - self.start)
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
                 losses.append(logs["loss"])
@@ -134,7 +143,8 @@ def _run_trl(model, tokenizer, rows, setup, steps, fused_gelu=None) -> dict:
                              callbacks=[Losses()])
         trainer.train()
         seconds = time.perf_counter() - start
-    return {"seconds": seconds, "first_loss": losses[0], "last_loss": losses[-1]}
+    return {"seconds": seconds, "first_loss": losses[0], "last_loss": losses[-1],
+            "step_seconds": step_seconds}
 
 
 def worker(side: str, model_name: str, steps: int, pairs: int = 0, fused_gelu=True) -> dict:
@@ -183,8 +193,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="repetitions of the tiny measurement")
     parser.add_argument("--runs-124m", type=int, default=3, help="repetitions of the 124M one")
     parser.add_argument("--tiny-steps", type=int, default=32)
-    parser.add_argument("--short", type=int, default=1, help="124M: the short run's steps")
-    parser.add_argument("--long", type=int, default=3, help="124M: the long run's steps")
+    # Steps 0 and 1 still grow the heap (our process: ~330k page faults in step 0, 57-92k in
+    # step 1, under 60k after), so steady state is measured from the third step on, both sides.
+    parser.add_argument("--short", type=int, default=2, help="124M: the short run's steps")
+    parser.add_argument("--long", type=int, default=6, help="124M: the long run's steps")
     parser.add_argument("--epoch2-pairs", type=int, default=8,
                         help="124M, second-epoch row: train on this many pairs (2 steps/epoch)")
     parser.add_argument("--pairs", type=int, default=0, help="worker: first N rows (0: all)")
@@ -216,10 +228,15 @@ SIDES = [("ours", "ours", True), ("trl", "trl", True), ("gelu_new", "ours", Fals
 
 
 def _per_step(side: str, fused: bool, short: int, long: int, pairs: int = 0) -> tuple:
-    """Steady-state seconds per step, (t(long) - t(short)) / (long - short), and both peaks."""
+    """Steady-state seconds per step two ways, and both runs' peak RSS.
+
+    (t(long) - t(short)) / (long - short) over whole calls, and the wall times of steps
+    short .. long - 1 measured inside the long run (a list: one value per step).
+    """
     a = _spawn(side, "gpt2-124m", short, pairs, fused)
     b = _spawn(side, "gpt2-124m", long, pairs, fused)
-    return (b["seconds"] - a["seconds"]) / (long - short), [a["peak_rss_mib"], b["peak_rss_mib"]]
+    difference = (b["seconds"] - a["seconds"]) / (long - short)
+    return difference, b["step_seconds"][short:], [a["peak_rss_mib"], b["peak_rss_mib"]]
 
 
 def bench(args) -> None:
@@ -227,9 +244,11 @@ def bench(args) -> None:
     start, load_before = time.time(), _load()
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     tiny = {label: [] for label, _, _ in SIDES}
-    steps = {label: [] for label, _, _ in SIDES}  # 124M, epoch 1
+    steps = {label: [] for label, _, _ in SIDES}  # 124M, epoch 1: whole-call differences
+    inside = {label: [] for label, _, _ in SIDES}  # 124M, epoch 1: step times in the process
     rss_124m = {label: [] for label, _, _ in SIDES}
     epoch2 = {"ours": [], "trl": []}  # 124M, steps of the second epoch
+    epoch2_inside = {"ours": [], "trl": []}
     print(f"tiny GPT-2, whole call, {args.tiny_steps} steps, {args.runs} runs per side")
     for _ in range(args.runs):
         for label, side, fused in SIDES:
@@ -237,14 +256,17 @@ def bench(args) -> None:
     print(f"GPT-2 124M arch, per step: t({args.long}) - t({args.short}), {args.runs_124m} runs")
     for _ in range(args.runs_124m):
         for label, side, fused in SIDES:
-            seconds, peaks = _per_step(side, fused, args.short, args.long)
+            seconds, each, peaks = _per_step(side, fused, args.short, args.long)
             steps[label].append(seconds)
+            inside[label] += each
             rss_124m[label] += peaks
     n = args.epoch2_pairs // SETUPS["gpt2-124m"]["batch_size"]  # steps per epoch
     print(f"GPT-2 124M arch, {args.epoch2_pairs} pairs: epoch 2 = t({2 * n}) - t({n})")
     for _ in range(args.runs_124m):
         for label in epoch2:
-            epoch2[label].append(_per_step(label, True, n, 2 * n, args.epoch2_pairs)[0])
+            seconds, each, _ = _per_step(label, True, n, 2 * n, args.epoch2_pairs)
+            epoch2[label].append(seconds)
+            epoch2_inside[label] += each
     rows = []
 
     def row(name, ours, trl, unit, fmt):
@@ -260,16 +282,21 @@ def bench(args) -> None:
 
     row(f"tiny GPT-2, whole call, {args.tiny_steps} steps", seconds(tiny["ours"]),
         seconds(tiny["trl"]), "s", ".2f")
-    row("GPT-2 124M + LoRA, per step (4 pairs x 128 tokens)", steps["ours"], steps["trl"],
-        "s/step", ".2f")
+    row(f"GPT-2 124M + LoRA, per step (4 pairs x 128 tokens): (t({args.long}) - "
+        f"t({args.short})) / {args.long - args.short}", steps["ours"], steps["trl"], "s/step",
+        ".2f")
+    row(f"GPT-2 124M + LoRA, per step: steps {args.short}-{args.long - 1} timed inside the run",
+        inside["ours"], inside["trl"], "s/step", ".2f")
     row("tiny GPT-2, peak RSS", peaks(tiny["ours"]), peaks(tiny["trl"]), "MiB", ".0f")
     row("GPT-2 124M + LoRA, peak RSS", rss_124m["ours"], rss_124m["trl"], "MiB", ".0f")
-    row(f"GPT-2 124M + LoRA, per step in epoch 2 ({args.epoch2_pairs} pairs)", epoch2["ours"],
-        epoch2["trl"], "s/step", ".2f")
+    row(f"GPT-2 124M + LoRA, per step in epoch 2 ({args.epoch2_pairs} pairs): (t({2 * n}) - "
+        f"t({n})) / {n}", epoch2["ours"], epoch2["trl"], "s/step", ".2f")
+    row("GPT-2 124M + LoRA, per step in epoch 2: timed inside the run", epoch2_inside["ours"],
+        epoch2_inside["trl"], "s/step", ".2f")
     row("ablation, ours with fused_gelu=False: tiny whole call", seconds(tiny["gelu_new"]),
         seconds(tiny["trl"]), "s", ".2f")
-    row("ablation, ours with fused_gelu=False: 124M per step", steps["gelu_new"], steps["trl"],
-        "s/step", ".2f")
+    row("ablation, ours with fused_gelu=False: 124M per step, timed inside the run",
+        inside["gelu_new"], inside["trl"], "s/step", ".2f")
     row("ablation, ours with fused_gelu=False: 124M peak RSS", rss_124m["gelu_new"],
         rss_124m["trl"], "MiB", ".0f")
     losses = {side: (tiny[side][0]["first_loss"], tiny[side][0]["last_loss"]) for side in tiny}
@@ -329,11 +356,16 @@ Goals of issue 10: whole call (tiny) <= 0.5x TRL, per step (124M) <= 0.85x, peak
   TRL {t_first:.6f} / {t_last:.6f}.
 - GPT-2 124M architecture (`GPT2Config()` with the shipped tokenizer's 3,647-token vocabulary
   and special ids, random init, seed 0; {args.runs_124m} runs): rows whose responses are long
-  enough that every sequence is 128 tokens; per step = (t({args.long} steps) - t({args.short}
-  step(s))) / {args.long - args.short} over whole calls, so fixed costs cancel. These steps are
-  all in the first epoch, where every step needs its reference pass. Peak RSS: both runs.
+  enough that every sequence is 128 tokens. Per step, two ways: (t({args.long} steps) -
+  t({args.short} steps)) / {args.long - args.short} over whole calls, so fixed costs cancel; and
+  the wall times of steps {args.short}-{args.long - 1} measured inside each long run (ours:
+  `History` `step_seconds`; TRL: a callback from `on_step_begin` to `on_step_end`), one sample a
+  step, which a transient slowdown of the machine spoils for one step rather than for a whole
+  difference. Steps 0 and 1 are left out as warm-up: they still grow the heap. All these steps
+  are in the first epoch, where every step needs its reference pass. Peak RSS: both runs.
 - Epoch-2 row: the same 124M setup on the first {args.epoch2_pairs} pairs, {n} steps per epoch;
-  per step = (t({2 * n}) - t({n})) / {n}, i.e. the second epoch's steps. Ours reads the
+  per step = (t({2 * n}) - t({n})) / {n}, and the same steps timed inside the run: the
+  second epoch's steps. Ours reads the
   reference log-probs it kept in epoch 1; TRL (default `precompute_ref_log_probs=False`)
   recomputes them every step.
 - Exact commands: `make bench`, i.e. `.venv/bin/python benchmarks/bench_vs_trl.py`

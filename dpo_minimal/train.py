@@ -309,8 +309,9 @@ def train(model, tokenizer, train_data, config: TrainConfig, eval_data=None) -> 
     - Dropout is set to 0 (in place) so step 0 is exactly the reference: loss ln 2.
     - One concatenated chosen+rejected forward per micro-batch; AdamW on trainable parameters;
       warmup + cosine/linear schedule; gradient clipping; autocast (+ GradScaler for float16).
-    - Each step records loss, rewards/*, logps/*, grad_norm, learning_rate, tokens_per_second,
-      peak_memory_gib; with eval_data, eval/* metrics every `eval_every` steps and at the end.
+    - Each step records loss, rewards/*, logps/*, grad_norm, learning_rate, step_seconds (wall
+      time of the step, before any evaluation), tokens_per_second, peak_memory_gib; with
+      eval_data, eval/* metrics every `eval_every` steps and at the end.
       Train metrics of step s come from the forward before its update, eval/* from after it;
       call evaluate() before training for the reference's values.
     - A non-finite loss stops training with NonFiniteLossError naming the step and dtype.
@@ -386,10 +387,10 @@ def _train(model, tokenizer, train_data, config: TrainConfig, eval_data) -> Hist
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
         row = {"step": step, **{key: value / n_pairs for key, value in totals.items()},
-               "grad_norm": grad_norm, "learning_rate": lr,
-               "tokens_per_second": tokens / (time.perf_counter() - start),
-               "peak_memory_gib": _peak_memory_gib(device)}
+               "grad_norm": grad_norm, "learning_rate": lr, "step_seconds": seconds,
+               "tokens_per_second": tokens / seconds, "peak_memory_gib": _peak_memory_gib(device)}
         last = step == config.max_steps - 1
         due = config.eval_every and step % config.eval_every == 0
         if eval_pairs is not None and (last or due):

@@ -20,8 +20,8 @@ from dpo_minimal.train import (
 DATA = load_preferences(shipped_data_path("train")).select(range(32))
 HELD_OUT = load_preferences(shipped_data_path("test")).select(range(8))
 KEYS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-        "logps/chosen", "logps/rejected", "grad_norm", "learning_rate", "tokens_per_second",
-        "peak_memory_gib"}
+        "logps/chosen", "logps/rejected", "grad_norm", "learning_rate", "step_seconds",
+        "tokens_per_second", "peak_memory_gib"}
 
 
 def _config(**kwargs):
