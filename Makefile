@@ -43,8 +43,9 @@ nbval: $(STAMP)
 	  --nbval-sanitize-with tests/nbval_sanitize.cfg notebooks/ ; \
 	  rc=$$?; if [ $$rc -eq 5 ]; then echo "no notebooks to check"; exit 0; fi; exit $$rc
 
+# make bench BENCH_ARGS="--runs 1 --runs-124m 1 --no-write" for a quick check.
 bench: $(STAMP)
-	$(PY) benchmarks/bench_vs_trl.py
+	$(PY) benchmarks/bench_vs_trl.py $(BENCH_ARGS)
 
 tokenizer: $(STAMP)
 	$(PY) scripts/train_tokenizer.py
