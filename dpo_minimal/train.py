@@ -149,8 +149,9 @@ def _reference_logps(model, batch, chunk, config, device, reference):
 
     `reference` is None (the peft model with its adapter disabled), a reference model, or an
     (N, 2) cache of chosen/rejected log-probs indexed by pair. A cache answers when it holds every
-    pair of the chunk; NaN rows are computed with the disabled adapter and filled in, which is
-    exact because the reference never changes.
+    pair of the chunk; NaN rows are computed with the disabled adapter and filled in. That is
+    valid because the reference never changes; a recomputation in a batch padded differently
+    would differ only by float rounding.
     """
     cache = reference if isinstance(reference, torch.Tensor) else None
     if cache is not None:
@@ -278,7 +279,8 @@ def evaluate(model, tokenizer, data, config: TrainConfig, reference_model=None) 
 
     Keys: loss, rewards/{chosen,rejected,accuracies,margins}, logps/{chosen,rejected} and
     entropy (mean next-token entropy of the policy on chosen responses, nats). The reference is
-    the peft model with its adapter disabled, or `reference_model` if given.
+    the peft model with its adapter disabled, or `reference_model` if given. Like `train`, it
+    runs the tanh GELU fused when config.fused_gelu is set.
     """
     check_pad_token(tokenizer)
     device = torch.device(config.device) if config.device else next(model.parameters()).device
