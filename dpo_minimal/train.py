@@ -155,9 +155,9 @@ def _reference_logps(model, batch, chunk, config, device, reference):
     """
     cache = reference if isinstance(reference, torch.Tensor) else None
     if cache is not None:
-        index = torch.tensor([p["index"] for p in chunk])
-        if not cache[index].isnan().any():
-            return torch.cat([cache[index, 0], cache[index, 1]]).to(device)
+        cached = cache[_pair_index(chunk)]
+        if not cached.isnan().any():
+            return torch.cat([cached[:, 0], cached[:, 1]]).to(device)
     with torch.no_grad():
         if reference is not None and cache is None:
             return _forward_logps(reference, batch, config, device)[0]
@@ -167,9 +167,19 @@ def _reference_logps(model, batch, chunk, config, device, reference):
         with model.disable_adapter():
             logps = _forward_logps(model, batch, config, device)[0]
     if cache is not None:
-        b = len(chunk)
-        cache[index] = torch.stack([logps[:b], logps[b:]], dim=1).float().cpu()
+        _store(cache, chunk, logps)
     return logps
+
+
+def _pair_index(chunk: list[dict]) -> torch.Tensor:
+    """The data-set rows of a chunk's pairs (set by `_tokenize`)."""
+    return torch.tensor([p["index"] for p in chunk])
+
+
+def _store(cache: torch.Tensor, chunk: list[dict], logps: torch.Tensor) -> None:
+    """Write a chunk's (2B,) chosen-then-rejected log-probs into its rows of an (N, 2) cache."""
+    b = len(chunk)
+    cache[_pair_index(chunk)] = torch.stack([logps[:b], logps[b:]], dim=1).float().cpu()
 
 
 def _tokenize(data, tokenizer, config: TrainConfig) -> list[dict]:
@@ -184,10 +194,8 @@ def _cache_reference(model, tokenizer, pairs, config, device) -> torch.Tensor:
     model.eval()
     cache = torch.zeros(len(pairs), 2)
     for chunk in _batches(pairs, config.eval_batch_size):
-        logps = _forward_logps(model, collate_pairs(chunk, tokenizer.pad_token_id), config,
-                               device)[0].cpu()
-        index = torch.tensor([p["index"] for p in chunk])
-        cache[index, 0], cache[index, 1] = logps[: len(chunk)], logps[len(chunk):]
+        batch = collate_pairs(chunk, tokenizer.pad_token_id)
+        _store(cache, chunk, _forward_logps(model, batch, config, device)[0])
     model.train(was_training)
     return cache
 
