@@ -9,11 +9,11 @@ These are estimates: a measurement on the GPU is the final word (benchmarks/memo
 import torch
 
 from .models import lora_target_names
+from .train import DTYPES
 
 GIB = 2**30
 T4_USABLE_GIB = 14.75  # a T4's 15 GiB as the CUDA allocator sees it, less what the driver keeps
 DTYPE_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
-DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Per architecture: layer norms per block, and LoRA targets that read one and the same tensor
 # (phi-2's parallel block feeds the layer norm's output to q, k, v and fc1).
 _BLOCKS = {
@@ -24,9 +24,9 @@ _BLOCKS = {
 
 def _dtype(dtype) -> torch.dtype:
     if isinstance(dtype, str):
-        if dtype not in DTYPE_NAMES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}.")
-        return DTYPE_NAMES[dtype]
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
+        return DTYPES[dtype]
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}.")
     return dtype
