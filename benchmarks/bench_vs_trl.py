@@ -85,9 +85,8 @@ def _lora_config():
 
 
 def _run_ours(model, tokenizer, rows, setup, steps, fused_gelu=True) -> dict:
-    import torch
-
     import peft  # noqa: F401  imports are untimed on both sides, and `import trl` loads peft
+    import torch
 
     from dpo_minimal import add_lora, load_preferences
     from dpo_minimal.train import TrainConfig, train

@@ -2,9 +2,9 @@
 the shipped assets are package data, lines stay within 100 characters."""
 
 import re
-import tomllib
 from pathlib import Path
 
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]

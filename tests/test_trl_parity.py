@@ -14,8 +14,15 @@ import torch
 
 trl = pytest.importorskip("trl")
 
-from dpo_minimal import collate_pairs, dpo_loss, load_preferences, sequence_logps  # noqa: E402
-from dpo_minimal import shipped_data_path, tiny_model, tokenize_preferences  # noqa: E402
+from dpo_minimal import (  # noqa: E402  # noqa: E402
+    collate_pairs,
+    dpo_loss,
+    load_preferences,
+    sequence_logps,
+    shipped_data_path,
+    tiny_model,
+    tokenize_preferences,
+)
 from dpo_minimal.models import fused_gelu  # noqa: E402
 from dpo_minimal.train import (  # noqa: E402
     TrainConfig,
