@@ -10,7 +10,8 @@ STAMP := $(VENV)/.installed
 CONSTRAINTS ?= constraints.txt
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 # Test runs write their figures to a scratch folder: figures/ is what make course wrote.
-NBVAL := DPO_COURSE_FIGURES=$(CURDIR)/build/test-figures $(PY) -m pytest -q --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
+NBVAL := DPO_COURSE_FIGURES=$(CURDIR)/build/test-figures $(PY) -m pytest -q --nbval \
+  --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
 export DPO_COURSE_MODE ?= smoke
 export PYTHONHASHSEED := 0
 export TOKENIZERS_PARALLELISM := false
@@ -26,7 +27,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch==2.13.0; fi
 	# bench (trl) too, so that the TRL parity test runs in CI rather than being skipped.
 	$(PY) -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS),--upgrade --upgrade-strategy eager) \
-	  -e ".[course,bench]"
+	  -e ".[course,bench,site]"
 	touch $(STAMP)
 
 course: $(STAMP)
