@@ -15,6 +15,8 @@ from transformers import (
 )
 
 TOKENIZER_FILE = Path(__file__).parent / "tokenizer" / "tokenizer.json"
+# The shipped pretrained tiny GPT-2 (scripts/pretrain.py, see its RECIPE.md).
+PRETRAINED_DIR = Path(__file__).parent / "pretrained" / "gpt2"
 EOS = "<|endoftext|>"
 # Where LoRA goes by default. GPT-2's attention and MLP are Conv1D (weights stored transposed),
 # so peft needs fan_in_fan_out=True; its lm_head is tied to the embeddings, so it gets none.
@@ -67,14 +69,23 @@ def course_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_model(arch: str = "gpt2", seed: int = 0):
+def tiny_model(arch: str = "gpt2", seed: int = 0, pretrained: bool = False):
     """A randomly initialised small model of a real architecture, with the course tokenizer.
 
     arch "gpt2" gives a `GPT2LMHeadModel`, "phi" a `PhiForCausalLM` (partial rotary, untied
     lm_head with bias, like phi-2). Both have 4 layers of width 128 and run in seconds on CPU.
-    Returns (model, tokenizer); the model is in eval mode.
+    `pretrained=True` (gpt2 only; `seed` unused) loads instead the shipped GPT-2 trained on the
+    task world's SFT corpus (PRETRAINED_DIR, float32). Returns (model, tokenizer); the model is
+    in eval mode.
     """
     tokenizer = course_tokenizer()
+    if pretrained:
+        if arch != "gpt2":
+            raise ValueError(f"no pretrained weights ship for arch {arch!r}: use 'gpt2', or "
+                             "pretrained=False for a randomly initialised model.")
+        model = GPT2LMHeadModel.from_pretrained(PRETRAINED_DIR, dtype=torch.float32).eval()
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        return model, tokenizer
     ids = dict(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
