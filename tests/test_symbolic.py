@@ -7,8 +7,9 @@ import pytest
 import sympy as sp
 import torch
 
-from dpo_minimal import bandit, dpo_loss
-from dpo_minimal import symbolic as S
+from dpo_minimal import dpo_loss
+from dpo_minimal.course import bandit
+from dpo_minimal.course import symbolic as S
 
 PI, PI_REF, R, BETA = S.response_symbols(3)
 
