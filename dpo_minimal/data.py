@@ -16,6 +16,10 @@ SHIPPED = {
 COLUMNS = ("prompt", "chosen", "rejected")
 
 
+class OverlongPromptError(ValueError):
+    """A prompt alone fills max_length, so its pair has no response tokens left to train."""
+
+
 def shipped_data_path(split: str = "train") -> Path:
     """Path of a preference file shipped with the package: 'train', 'test' or 'conversations'."""
     if split not in SHIPPED:
@@ -168,9 +172,10 @@ def _truncate(prompt_ids, chosen_ids, rejected_ids, tokenizer, max_length: int,
         prompt_ids = prompt_ids[-max_prompt_length:]
     room = max_length - len(prompt_ids)
     if room <= 0:
-        raise ValueError(f"the prompt alone has {len(prompt_ids)} tokens, which fills "
-                         f"max_length={max_length}: raise max_length, set max_prompt_length below "
-                         "it, or drop such pairs (drop_overlong=True).")
+        raise OverlongPromptError(
+            f"the prompt alone has {len(prompt_ids)} tokens, which fills max_length={max_length}: "
+            "raise max_length, set max_prompt_length below it, or drop such pairs "
+            "(drop_overlong=True in tokenize_preferences or TrainConfig).")
     return {
         "prompt_ids": prompt_ids,
         "chosen_ids": (chosen_ids + [tokenizer.eos_token_id])[:room],
@@ -196,10 +201,12 @@ def tokenize_preferences(data, tokenizer, max_length: int, max_prompt_length: in
         try:
             out.append(_truncate(*ids[3 * i: 3 * i + 3], tokenizer, max_length,
                                  max_prompt_length))
-        except ValueError as err:
-            if not (drop_overlong and "fills max_length" in str(err)):
-                raise ValueError(f"row {i}: {err}") from None
+        except OverlongPromptError as err:
+            if not drop_overlong:
+                raise OverlongPromptError(f"row {i}: {err}") from None
             dropped.append(i)
+        except ValueError as err:
+            raise ValueError(f"row {i}: {err}") from None
     if dropped:
         warnings.warn(f"dropped {len(dropped)} of {len(data)} pairs whose prompt fills "
                       f"max_length={max_length} (rows {dropped[:10]}); raise max_length or set "
