@@ -5,19 +5,20 @@ a `Reference` for the log-probs of pi_ref, and `preference_step` (the loss and i
 """
 
 import json
+import math
 import resource
+import shutil
 import sys
 import time
 from contextlib import ExitStack, nullcontext
-from dataclasses import dataclass
-from itertools import count
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 from torch.utils.data import BatchSampler, RandomSampler
 from tqdm.auto import tqdm
 
-from .data import check_pad_token, collate_pairs, tokenize_preferences
+from .data import check_pad_token, collate_pairs, load_preferences, tokenize_preferences
 from .logprobs import DTYPES, _is_peft, batch_logps
 from .losses import LOSSES, check_loss_settings
 from .models import fused_gelu
@@ -44,7 +45,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     warmup_steps: int = 0
     lr_scheduler: str = "cosine"  # cosine | linear | constant, after a linear warmup
-    max_grad_norm: float = 1.0
+    max_grad_norm: float | None = 1.0  # None: no clipping
     weight_decay: float = 0.0
     eval_every: int = 0  # evaluate on eval_data every N steps (0: only at the end)
     eval_batch_size: int = 8
@@ -54,17 +55,65 @@ class TrainConfig:
     cache_reference: bool = True  # keep each pair's reference log-probs after their first pass
     drop_overlong: bool = False  # drop pairs whose prompt fills max_length (else raise)
 
+    output_dir: str | None = None  # where checkpoint-{step}/ folders go
+    save_steps: int = 0  # save a checkpoint every N steps and at the end (0: never)
+    save_total_limit: int | None = None  # keep only the newest K checkpoints
+
     def __post_init__(self):
+        for field in fields(self):
+            _check_type(field.name, getattr(self, field.name), _FIELD_TYPES[field.type])
         check_loss_settings(self.loss_type, self.beta, self.label_smoothing)
+        if not math.isfinite(self.beta):
+            raise ValueError(f"beta must be a finite number > 0, got {self.beta} (try 0.1).")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
         if self.lr_scheduler not in SCHEDULERS:
             raise ValueError(f"lr_scheduler must be one of {', '.join(SCHEDULERS)}, got "
                              f"{self.lr_scheduler!r}.")
         for name in ("batch_size", "gradient_accumulation_steps", "max_steps", "max_length",
-                     "eval_batch_size"):
+                     "max_prompt_length", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        for name in ("warmup_steps", "eval_every", "save_steps", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"learning_rate must be a finite number > 0, got "
+                             f"{self.learning_rate} (LoRA: try 5e-4; full fine-tuning: 1e-6).")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}: 0 would "
+                             "zero every gradient and a negative norm reverses them; use None "
+                             "for no clipping (1.0 is the usual value).")
+        if not 0 <= self.weight_decay < 1 or not 0 <= self.simpo_gamma < 1e3:
+            raise ValueError(f"weight_decay must be in [0, 1) and simpo_gamma >= 0, got "
+                             f"{self.weight_decay} and {self.simpo_gamma}.")
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be below "
+                             f"max_length ({self.max_length}), or no response token is left; "
+                             "lower max_prompt_length or raise max_length.")
+        if self.warmup_steps > self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds max_steps "
+                             f"({self.max_steps}): the learning rate would never reach its "
+                             "value; lower warmup_steps.")
+        if self.save_steps and self.output_dir is None:
+            raise ValueError(f"save_steps={self.save_steps} needs output_dir, the folder where "
+                             "checkpoint-{step}/ is written: set output_dir or save_steps=0.")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ValueError(f"save_total_limit must be >= 1 or None (keep all), got "
+                             f"{self.save_total_limit}.")
+
+
+# The type each TrainConfig annotation demands (bool is not accepted as an int or float).
+_FIELD_TYPES = {float: (float, int), int: (int,), str: (str,), bool: (bool,),
+                str | None: (str, type(None)), int | None: (int, type(None)),
+                float | None: (float, int, type(None))}
+
+
+def _check_type(name: str, value, types: tuple) -> None:
+    if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
+        wanted = " or ".join(t.__name__ for t in types).replace("NoneType", "None")
+        raise ValueError(f"TrainConfig.{name} must be {wanted}, got {value!r} "
+                         f"({type(value).__name__}).")
 
 
 class History(list):
@@ -189,6 +238,7 @@ def _collate(chunk: list[dict], tokenizer) -> dict:
 
 
 def _tokenize(data, tokenizer, config: TrainConfig) -> list[dict]:
+    data = load_preferences(data)  # the same row checks for raw rows as for loaded files
     pairs = tokenize_preferences(data, tokenizer, config.max_length, config.max_prompt_length,
                                  drop_overlong=config.drop_overlong)
     return [{**pair, "index": i} for i, pair in enumerate(pairs)]
@@ -199,16 +249,46 @@ def _in_order(pairs: list, batch_size: int):
         yield pairs[i: i + batch_size]
 
 
-def _shuffled(pairs: list, batch_size: int, seed: int):
-    """Batches of pairs forever, reshuffled each epoch by a seeded sampler; ragged tails dropped."""
-    if len(pairs) < batch_size:
-        raise ValueError(f"batch_size={batch_size} exceeds the {len(pairs)} training pairs: "
-                         "lower batch_size or add data.")
-    sampler = BatchSampler(RandomSampler(pairs, generator=torch.Generator().manual_seed(seed)),
-                           batch_size, drop_last=True)
-    for _ in count():
-        for indices in sampler:
-            yield [pairs[i] for i in indices]
+class _Batches:
+    """Batches of pairs forever, reshuffled each epoch by a seeded sampler (ragged tails dropped).
+
+    Its position (the sampler's generator at the start of the epoch, and the batches taken
+    since) is saved in a checkpoint and restored exactly.
+    """
+
+    def __init__(self, pairs: list, batch_size: int, seed: int):
+        if len(pairs) < batch_size:
+            raise ValueError(f"batch_size={batch_size} exceeds the {len(pairs)} training pairs: "
+                             "lower batch_size or add data.")
+        self.pairs, self.batch_size = pairs, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self._epoch = None
+
+    def _start_epoch(self) -> None:
+        self.epoch_start, self.taken = self.generator.get_state(), 0
+        sampler = RandomSampler(self.pairs, generator=self.generator)
+        self._epoch = iter(BatchSampler(sampler, self.batch_size, drop_last=True))
+
+    def __next__(self) -> list[dict]:
+        if self._epoch is None:
+            self._start_epoch()
+        indices = next(self._epoch, None)
+        if indices is None:
+            self._epoch = None
+            return next(self)
+        self.taken += 1
+        return [self.pairs[i] for i in indices]
+
+    def state(self) -> dict:
+        if self._epoch is None:
+            self._start_epoch()
+        return {"epoch_start": self.epoch_start, "taken": self.taken}
+
+    def restore(self, state: dict) -> None:
+        self.generator.set_state(state["epoch_start"])
+        self._start_epoch()
+        for _ in range(state["taken"]):
+            next(self)
 
 
 def _peak_memory_gib(device: torch.device) -> float:
@@ -270,9 +350,13 @@ def _fast_activations(config: TrainConfig, *models) -> ExitStack:
     return stack
 
 
-def train(model, tokenizer, train_data, config: TrainConfig, eval_data=None) -> History:
+def train(model, tokenizer, train_data, config: TrainConfig, eval_data=None,
+          resume_from=None) -> History:
     """Train `model` with a preference loss on `train_data`; returns the per-step History.
 
+    - Everything is checked before any work: the config (on construction), the data (through
+      `load_preferences`' checks, so raw rows are checked too), the tokenizer, the device, the
+      model's context length and trainable parameters, and a checkpoint to resume from.
     - Reference: a peft model's adapter disabled, so no second copy of the weights. With
       `cache_reference` (default) each pair's reference log-probs are kept after their first
       pass, so from the second epoch on a step skips the reference forward. A model without an
@@ -289,32 +373,53 @@ def train(model, tokenizer, train_data, config: TrainConfig, eval_data=None) -> 
       eval_data, eval/* metrics every `eval_every` steps and at the end.
       Train metrics of step s come from the forward before its update, eval/* from after it;
       call evaluate() before training for the reference's values.
+    - Checkpoints: with `output_dir` and `save_steps`, `output_dir/checkpoint-{n}/` after every
+      `save_steps` steps and at the end (n = steps done). A KeyboardInterrupt or a
+      NonFiniteLossError saves the last completed step (with `output_dir` set) and propagates
+      with `.history` (and `.checkpoint`) attached. `resume_from` (a checkpoint folder, or True
+      for the newest in `output_dir`) continues a run: on CPU its History equals the
+      uninterrupted run's bit for bit, timing fields aside.
     - A non-finite loss stops training with NonFiniteLossError naming the step and dtype.
     """
-    check_pad_token(tokenizer)
+    run = _Run(model, tokenizer, train_data, config, eval_data, resume_from)
     with _fast_activations(config, model):
-        run = _Run(model, tokenizer, train_data, config, eval_data)
         return _train(run)
+
+
+def _device(config: TrainConfig, model) -> torch.device:
+    if config.device is None:
+        return next(model.parameters()).device
+    try:
+        device = torch.device(config.device)
+    except RuntimeError as err:
+        raise ValueError(f"device={config.device!r} is not a device: use 'cpu', 'cuda', "
+                         f"'cuda:1', 'mps' or None (the model's device). ({err})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={config.device!r} but this machine has no CUDA GPU: use "
+                         "device='cpu' (or None), or run on a GPU runtime.")
+    return device
+
+
+def _context_length(model) -> int | None:
+    config = (model.get_base_model() if _is_peft(model) else model).config
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
 
 
 class _Run:
     """Everything a training run holds: data, references, optimiser, schedule, scaler."""
 
-    def __init__(self, model, tokenizer, train_data, config: TrainConfig, eval_data):
+    def __init__(self, model, tokenizer, train_data, config: TrainConfig, eval_data,
+                 resume_from=None):
         from transformers import get_scheduler
 
+        # Checks first: nothing is changed or computed until all of them pass.
+        check_pad_token(tokenizer)
         self.model, self.tokenizer, self.config = model, tokenizer, config
-        device = torch.device(config.device) if config.device else next(model.parameters()).device
-        torch.manual_seed(config.seed)
-        self.pairs = _tokenize(train_data, tokenizer, config)
-        self.eval_pairs = None if eval_data is None else _tokenize(eval_data, tokenizer, config)
-        disable_dropout(model)
-        if config.gradient_checkpointing:
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()  # so checkpointed blocks see inputs needing grad
-        model.to(device).train()
-        self.device = device
+        self.device = _device(config, model)
+        context = _context_length(model)
+        if context is not None and config.max_length > context:
+            raise ValueError(f"max_length={config.max_length} exceeds the model's context of "
+                             f"{context} tokens: lower max_length to at most {context}.")
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters: call add_lora(model) "
@@ -323,16 +428,32 @@ class _Run:
             raise ValueError("dtype='float16' trains with autocast and a GradScaler, which needs "
                              "float32 trainable weights: load the model in float32 for full "
                              "fine-tuning, or train LoRA adapters (peft keeps them in float32).")
-        if config.dtype == "float16" and device.type != "cuda":
+        if config.dtype == "float16" and self.device.type != "cuda":
             raise ValueError("dtype='float16' needs a CUDA GPU (autocast + GradScaler); on CPU "
                              "use 'float32' or 'bfloat16'.")
-        self.reference, self.eval_reference = self._references()
+        self.pairs = _tokenize(train_data, tokenizer, config)
+        self.eval_pairs = None if eval_data is None else _tokenize(eval_data, tokenizer, config)
+        self.batches = _Batches(self.pairs, config.batch_size, config.seed)
+        checkpoint = None if resume_from is None else _checkpoint_to_resume(resume_from, config)
+
+        torch.manual_seed(config.seed)
+        disable_dropout(model)
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()  # so checkpointed blocks see inputs needing grad
+        model.to(self.device).train()
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate,
                                            weight_decay=config.weight_decay)
         self.scheduler = get_scheduler(SCHEDULERS[config.lr_scheduler], self.optimizer,
                                        config.warmup_steps, config.max_steps)
         self.scaler = torch.amp.GradScaler("cuda", enabled=config.dtype == "float16")
-        self.batches = _shuffled(self.pairs, config.batch_size, config.seed)
+        self.history, self.start = History(), 0
+        if checkpoint is None:
+            self.reference, self.eval_reference = self._references()
+        else:
+            self._restore(checkpoint)
+        self.step_state = self._step_state()
 
     def _references(self) -> tuple[Reference, Reference]:
         config, model = self.config, self.model
@@ -367,7 +488,8 @@ class _Run:
     def update(self) -> tuple[float, float]:
         """Clip, step the optimiser and the schedule: (grad norm, the learning rate used)."""
         self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        max_norm = self.config.max_grad_norm
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm or math.inf)
         lr = self.scheduler.get_last_lr()[0]
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -387,27 +509,137 @@ class _Run:
         return {f"eval/{key}": value for key, value in metrics.items()}
 
 
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def _step_state(self) -> dict:
+        """What a step starts from, beyond the weights and optimiser: data position and RNG."""
+        return {"batches": self.batches.state(), "rng": torch.get_rng_state()}
+
+    def _trainable(self) -> dict:
+        return {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+
+    def save(self, steps_done: int) -> Path:
+        """Write output_dir/checkpoint-{steps_done}/ (atomically) and prune old ones."""
+        from safetensors.torch import save_file
+
+        root = Path(self.config.output_dir)
+        final, tmp = root / f"checkpoint-{steps_done}", root / f"checkpoint-{steps_done}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file({n: p.detach().cpu().contiguous() for n, p in self._trainable().items()},
+                  tmp / "trainable.safetensors")
+        caches = {"reference": self.reference.cache,
+                  "eval_reference": getattr(self.eval_reference, "cache", None)}
+        torch.save({"steps_done": steps_done, "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                    "caches": caches, **self.step_state}, tmp / "state.pt")
+        (tmp / "config.json").write_text(json.dumps(asdict(self.config), indent=1))
+        self.history.to_json(tmp / "history.json")
+        if _is_peft(self.model):  # loadable with load_adapter, too
+            self.model.save_pretrained(tmp / "adapter")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        limit = self.config.save_total_limit
+        for old in (_checkpoints(root)[:-limit] if limit else []):
+            shutil.rmtree(old)
+        return final
+
+    def _restore(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        weights, trainable = load_file(path / "trainable.safetensors"), self._trainable()
+        if set(weights) != set(trainable) or any(
+                weights[n].shape != p.shape for n, p in trainable.items()):
+            raise ValueError(f"{path} holds trainable weights of another model (names or shapes "
+                             "differ): resume with the model and adapter settings it was "
+                             "trained with.")
+        with torch.no_grad():
+            for name, p in trainable.items():
+                p.copy_(weights[name])
+        state = torch.load(path / "state.pt", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.batches.restore(state["batches"])
+        torch.set_rng_state(state["rng"])
+        self.reference = Reference(cache=state["caches"]["reference"])
+        self.eval_reference = Reference(cache=state["caches"]["eval_reference"])
+        if self.eval_pairs is not None and self.eval_reference.cache is None and not _is_peft(
+                self.model):
+            raise ValueError(f"{path} was saved without eval_data; its full fine-tuning run "
+                             "has no frozen reference for it: resume without eval_data.")
+        self.history = History.from_json(path / "history.json")
+        self.start = state["steps_done"]
+
+
+# Settings that may differ between a run and its resumption: they do not change the training.
+_RESUMABLE = {"progress", "output_dir", "save_steps", "save_total_limit", "device", "eval_every",
+              "eval_batch_size"}
+
+
+def _checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoint folders under `root`, oldest first."""
+    found = [p for p in Path(root).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def _checkpoint_to_resume(resume_from, config: TrainConfig) -> Path:
+    if resume_from is True:
+        if config.output_dir is None or not _checkpoints(config.output_dir):
+            raise ValueError(f"resume_from=True but output_dir={config.output_dir!r} holds no "
+                             "checkpoint-{step}/ folder: pass a checkpoint path, or start "
+                             "without resume_from.")
+        path = _checkpoints(config.output_dir)[-1]
+    else:
+        path = Path(resume_from)
+    if not (path / "state.pt").is_file():
+        raise ValueError(f"resume_from={str(resume_from)!r} is not a checkpoint folder (no "
+                         "state.pt in it): pass a checkpoint-{step}/ folder written by train.")
+    saved = json.loads((path / "config.json").read_text())
+    changed = {k: (saved.get(k), v) for k, v in asdict(config).items()
+               if k not in _RESUMABLE and saved.get(k) != v}
+    if changed:
+        raise ValueError(f"{path} was written with other settings {changed} (saved, now): "
+                         "resume with the config it was trained with.")
+    return path
+
+
 def _train(run: _Run) -> History:
-    """The loop: per step, accumulate micro-batches, update, record, evaluate when due."""
-    config, history = run.config, History()
-    bar = tqdm(range(config.max_steps), desc="DPO", disable=not config.progress)
-    for step in bar:
-        start, tokens, totals = time.perf_counter(), 0, {}
-        for _ in range(config.gradient_accumulation_steps):
-            sums, n_tokens = run.micro_step(step)
-            _add(totals, sums)
-            tokens += n_tokens
-        grad_norm, lr = run.update()
-        seconds = time.perf_counter() - start
-        row = {"step": step,
-               **_mean(totals, config.batch_size * config.gradient_accumulation_steps),
-               "grad_norm": grad_norm, "learning_rate": lr, "step_seconds": seconds,
-               "tokens_per_second": tokens / seconds,
-               "peak_memory_gib": _peak_memory_gib(run.device)}
-        if run.evaluation_due(step):
-            row.update(run.evaluate())
-        history.append(row)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}")
+    """The loop: per step, accumulate micro-batches, update, record, evaluate, checkpoint."""
+    config, history = run.config, run.history
+    bar = tqdm(range(run.start, config.max_steps), desc="DPO", disable=not config.progress,
+               initial=run.start, total=config.max_steps)
+    done = run.start
+    try:
+        for step in bar:
+            start, tokens, totals = time.perf_counter(), 0, {}
+            for _ in range(config.gradient_accumulation_steps):
+                sums, n_tokens = run.micro_step(step)
+                _add(totals, sums)
+                tokens += n_tokens
+            grad_norm, lr = run.update()
+            done, run.step_state = step + 1, run._step_state()
+            seconds = time.perf_counter() - start
+            pairs = config.batch_size * config.gradient_accumulation_steps
+            history.append({
+                "step": step, **_mean(totals, pairs),
+                "grad_norm": grad_norm, "learning_rate": lr, "step_seconds": seconds,
+                "tokens_per_second": tokens / seconds,
+                "peak_memory_gib": _peak_memory_gib(run.device)})
+            if run.evaluation_due(step):
+                history[-1].update(run.evaluate())
+            bar.set_postfix(loss=f"{history[-1]['loss']:.4f}",
+                            acc=f"{history[-1]['rewards/accuracies']:.2f}")
+            if config.save_steps and (done % config.save_steps == 0 or done == config.max_steps):
+                run.save(done)
+    except (KeyboardInterrupt, NonFiniteLossError) as err:
+        # Keep what was done: the state after the last update, with the data position and RNG
+        # its successor began with (an unfinished step's gradients are dropped).
+        run.optimizer.zero_grad(set_to_none=True)
+        err.history = history
+        if config.output_dir is not None and done > run.start:
+            err.checkpoint = run.save(done)
+        raise
     run.model.eval()
     return history
 

@@ -179,11 +179,19 @@ def test_activation_formula_matches_autograd(arch, fused, padded, attn, dtype):
     predicted = activation_bytes_per_token(config, dtype, lora_r=8, seq_len=seq,
                                            attn_implementation=attn, fused_gelu=fused,
                                            padded=padded)
-    if arch == "llama":  # RMSNorm casts in Python, so CPU saves what CUDA saves: exact
-        assert measured == predicted
-    else:  # CPU autocast keeps layer_norm in bf16 where CUDA's runs it in fp32, and CPU sdpa
-        # keeps phi's output apart from dense's input: a few % apart
-        assert measured == pytest.approx(predicted, rel=0.08)
+    # The formula counts what CUDA keeps. Where this CPU differs, exactly (llama: nowhere,
+    # RMSNorm casts to float32 in Python): CPU autocast runs layer_norm in bf16, so it keeps a
+    # bf16 input and bf16 mean and 1/std, 2h + 4 bytes, not 4h + 8; and CPU sdpa returns its
+    # output in phi's (B, heads, T, d) layout, so dense reads a copy of it (CUDA's kernels return
+    # (B, T, heads, d), as CPU does for GPT-2 and Llama, and the copy is a view).
+    entry, h = ARCHITECTURES[arch], config.hidden_size
+    cpu = predicted
+    if entry.norm == "layernorm" and dtype != torch.float32:
+        cpu -= entry.norms_per_block * (2 * h + 4)
+    if arch == "phi" and dtype == torch.float32:
+        cpu += 4 * h
+    assert measured == cpu
+    assert cpu == pytest.approx(predicted, rel=0.11)  # the CPU/CUDA differences are small
     small, _ = _saved_bytes(arch, 2, dtype, True, rows, seq, padded=padded, attn=attn)
     large, _ = _saved_bytes(arch, 4, dtype, True, rows, seq, padded=padded, attn=attn)
     per_layer = (large - small) / 2 / (rows * seq)  # checkpointing: the layer input only
