@@ -1,5 +1,6 @@
 """The DPO loss and its family, from per-sequence log-probabilities."""
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -19,11 +20,24 @@ def _check(tensors: dict, loss_type: str, beta: float, label_smoothing: float) -
 
 
 def _check_shapes(tensors: dict) -> None:
-    """All given (non-None) tensors are 1-D and of one shape (B,)."""
-    shapes = {name: tuple(t.shape) for name, t in tensors.items() if t is not None}
+    """All given (non-None) inputs are finite float tensors, 1-D, of one shape (B,), B >= 1."""
+    given = {name: t for name, t in tensors.items() if t is not None}
+    for name, t in given.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of shape (B,), got "
+                            f"{type(t).__name__}: wrap it with torch.tensor(...).")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a float tensor (log-probs), got {t.dtype}.")
+    shapes = {name: tuple(t.shape) for name, t in given.items()}
     first = next(iter(shapes.values()))
     if len(first) != 1 or any(s != first for s in shapes.values()):
         raise ValueError(f"all inputs must be 1-D tensors of the same shape (B,), got {shapes}.")
+    if first[0] == 0:
+        raise ValueError("the inputs are empty (B = 0): a loss needs at least one pair, B >= 1.")
+    for name, t in given.items():
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{name} holds NaN or inf values, which would make every loss "
+                             "non-finite: check the log-probs (an fp16 overflow?) first.")
 
 
 def _check_lengths(chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor) -> None:
@@ -219,6 +233,9 @@ def orpo_loss(
                        policy_rejected_logps=policy_rejected_logps,
                        chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths))
     _check_lengths(chosen_lengths, rejected_lengths)
+    if (policy_chosen_logps > 0).any() or (policy_rejected_logps > 0).any():
+        raise ValueError("ORPO needs log-probabilities, which are <= 0; a positive value (logits "
+                         "or probabilities passed by mistake?) would make log(1 - p) NaN.")
     chosen_avg = policy_chosen_logps / chosen_lengths  # log p_w, < 0
     rejected_avg = policy_rejected_logps / rejected_lengths  # log p_l
     log_odds = (chosen_avg - _log1m_exp(chosen_avg)) - (rejected_avg - _log1m_exp(rejected_avg))
@@ -293,8 +310,9 @@ def check_loss_settings(loss_type: str, beta: float, label_smoothing: float) -> 
     """Raise ValueError for an unknown loss or settings it cannot use (checked once, up front)."""
     if loss_type not in LOSSES:
         raise ValueError(f"unknown loss_type {loss_type!r}: use one of {', '.join(LOSSES)}.")
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}: beta is the KL weight (try 0.1).")
+    if not (beta > 0 and math.isfinite(beta)):
+        raise ValueError(f"beta must be a finite number > 0, got {beta}: beta is the KL "
+                         "weight (try 0.1).")
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(
             f"label_smoothing must be in [0, 0.5), got {label_smoothing}: it is the assumed "

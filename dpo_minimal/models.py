@@ -158,11 +158,15 @@ def fused_gelu(model):
 def course_tokenizer() -> PreTrainedTokenizerFast:
     """The shipped byte-level BPE tokenizer (scripts/train_tokenizer.py rebuilds it).
 
-    `<|endoftext|>` is its bos, eos and pad token, as in GPT-2 and phi-2.
+    `<|endoftext|>` is its bos, eos and pad token, as in GPT-2 and phi-2. Its chat template
+    (tokenizer/chat_template.jinja) writes one "Role: content" line per message and ends a
+    generation prompt with "Assistant:".
     """
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_file=str(TOKENIZER_FILE), bos_token=EOS, eos_token=EOS, pad_token=EOS
     )
+    tokenizer.chat_template = (TOKENIZER_FILE.parent / "chat_template.jinja").read_text()
+    return tokenizer
 
 
 def tiny_model(arch: str = "gpt2", seed: int = 0):

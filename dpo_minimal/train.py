@@ -67,6 +67,12 @@ class TrainConfig:
             raise ValueError(f"beta must be a finite number > 0, got {self.beta} (try 0.1).")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ValueError(f"device={self.device!r} is not a device: use 'cpu', 'cuda', "
+                                 "'cuda:1', 'mps' or None (the model's device).") from None
         if self.lr_scheduler not in SCHEDULERS:
             raise ValueError(f"lr_scheduler must be one of {', '.join(SCHEDULERS)}, got "
                              f"{self.lr_scheduler!r}.")
@@ -336,6 +342,7 @@ def evaluate(model, tokenizer, data, config: TrainConfig, reference_model=None) 
     runs the tanh GELU fused when config.fused_gelu is set.
     """
     check_pad_token(tokenizer)
+    _device(config, model)
     pairs = _tokenize(data, tokenizer, config)
     with _fast_activations(config, model, reference_model):
         return _evaluate_pairs(model, tokenizer, pairs, config, Reference(reference_model))
@@ -387,22 +394,19 @@ def train(model, tokenizer, train_data, config: TrainConfig, eval_data=None,
 
 
 def _device(config: TrainConfig, model) -> torch.device:
+    """The run's device, and a clear error where it cannot be used (before torch's own)."""
+    base = (model.get_base_model() if _is_peft(model) else model).config
+    context = getattr(base, "n_positions", None) or getattr(base, "max_position_embeddings", None)
+    if context is not None and config.max_length > context:
+        raise ValueError(f"max_length={config.max_length} exceeds the model's context of "
+                         f"{context} tokens: lower max_length to at most {context}.")
     if config.device is None:
         return next(model.parameters()).device
-    try:
-        device = torch.device(config.device)
-    except RuntimeError as err:
-        raise ValueError(f"device={config.device!r} is not a device: use 'cpu', 'cuda', "
-                         f"'cuda:1', 'mps' or None (the model's device). ({err})") from None
+    device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={config.device!r} but this machine has no CUDA GPU: use "
                          "device='cpu' (or None), or run on a GPU runtime.")
     return device
-
-
-def _context_length(model) -> int | None:
-    config = (model.get_base_model() if _is_peft(model) else model).config
-    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
 
 
 class _Run:
@@ -416,10 +420,6 @@ class _Run:
         check_pad_token(tokenizer)
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.device = _device(config, model)
-        context = _context_length(model)
-        if context is not None and config.max_length > context:
-            raise ValueError(f"max_length={config.max_length} exceeds the model's context of "
-                             f"{context} tokens: lower max_length to at most {context}.")
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters: call add_lora(model) "
@@ -536,7 +536,7 @@ class _Run:
         (tmp / "config.json").write_text(json.dumps(asdict(self.config), indent=1))
         self.history.to_json(tmp / "history.json")
         if _is_peft(self.model):  # loadable with load_adapter, too
-            self.model.save_pretrained(tmp / "adapter")
+            save_adapter(self.model, tmp / "adapter")
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         limit = self.config.save_total_limit
@@ -673,14 +673,61 @@ def generate_pairs(model, tokenizer, prompts: list[str], max_new_tokens: int = 4
     return rows
 
 
+def _base_config(model):
+    return (model.get_base_model() if _is_peft(model) else model).config
+
+
 def save_adapter(model, path) -> Path:
-    """Save only the LoRA weights (safetensors) and adapter config to `path`."""
+    """Save only the LoRA weights (safetensors) and adapter config to `path`.
+
+    Also writes dpo_minimal.json (the base model's family and size), so that `load_adapter`
+    can tell a user which model an adapter belongs to.
+    """
+    path = Path(path)
     model.save_pretrained(path, safe_serialization=True)
-    return Path(path)
+    config = _base_config(model)
+    meta = {"model_type": config.model_type, "num_hidden_layers": config.num_hidden_layers,
+            "hidden_size": config.hidden_size}
+    (path / "dpo_minimal.json").write_text(json.dumps(meta, indent=1))
+    return path
 
 
 def load_adapter(base_model, path):
-    """Put a saved adapter back on a fresh base model: a peft model in eval mode."""
-    from peft import PeftModel
+    """Put a saved adapter back on a fresh base model: a peft model in eval mode.
 
-    return PeftModel.from_pretrained(base_model, path).eval()
+    Refuses, naming the difference, an adapter made for another family, another number of
+    layers or other widths (peft would load what matches and silently skip the rest).
+    """
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not (path / "adapter_config.json").is_file():
+        raise ValueError(f"{path} is not an adapter folder (no adapter_config.json): pass a "
+                         "folder written by save_adapter, or a checkpoint's adapter/.")
+    config = _base_config(base_model)
+    have = {"model_type": config.model_type, "num_hidden_layers": config.num_hidden_layers,
+            "hidden_size": config.hidden_size}
+    meta = path / "dpo_minimal.json"
+    saved = json.loads(meta.read_text()) if meta.is_file() else {}
+    diff = {k: (saved[k], have[k]) for k in have if k in saved and saved[k] != have[k]}
+    if diff:
+        what = ", ".join(f"{k} {a} (adapter) vs {b} (this model)" for k, (a, b) in diff.items())
+        raise ValueError(f"the adapter in {path} was trained on another base model: {what}. "
+                         "Load it onto the model it was trained with.")
+    with safe_open(str(path / "adapter_model.safetensors"), "pt") as f:
+        shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    try:
+        model = PeftModel.from_pretrained(base_model, path)
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(f"the adapter in {path} does not fit this model ({have}): "
+                         f"{str(err)[:300]}") from None
+    expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
+    extra = sorted(set(shapes) - set(expected))
+    wrong = {k: (shapes[k], expected[k]) for k in shapes if k in expected and
+             shapes[k] != expected[k]}
+    if extra or wrong:
+        raise ValueError(f"the adapter in {path} does not fit this model ({have}): "
+                         f"{len(extra)} adapter weights have no module here, e.g. {extra[:2]}; "
+                         f"{len(wrong)} have other shapes, e.g. {list(wrong.items())[:2]}.")
+    return model.eval()

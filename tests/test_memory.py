@@ -28,6 +28,15 @@ SMOLLM2 = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
                       max_position_embeddings=8192, tie_word_embeddings=True)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The forwards here are small: more threads only wait for each other on shared cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def phi2_plans():
     kwargs = {"batch_pairs": 2, "seq_len": 512, "dtype": torch.float16, "lora_r": 16}
