@@ -83,8 +83,10 @@ def _response_logits(model, input_ids, attention_mask, mask) -> torch.Tensor:
     (B, T, V) logits, the largest activation of a small model, are never built, nor their
     gradient. Other models go through their own forward.
     """
+    from .models import has_plain_head
+
     base = model.get_base_model() if _is_peft(model) else model
-    plain = base.config.model_type in ("gpt2", "phi") and (  # TODO(registry)
+    plain = has_plain_head(base) and (
         not _is_peft(model) or all(c.peft_type == "LORA" for c in model.peft_config.values()))
     if not plain:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits

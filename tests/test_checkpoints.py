@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from dpo_minimal import add_lora, load_preferences, shipped_data_path, tiny_model
-from dpo_minimal.train import NonFiniteLossError, TrainConfig, _Run, load_adapter, train
+from dpo_minimal.adapters import load_adapter
+from dpo_minimal.train import (
+    NonFiniteLossError,
+    TrainConfig,
+    _Run,
+    train,
+)
 
 DATA = load_preferences(shipped_data_path("train")).select(range(12))
 HELD_OUT = load_preferences(shipped_data_path("test")).select(range(4))

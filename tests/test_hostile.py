@@ -24,10 +24,11 @@ from dpo_minimal import (
     tiny_model,
     tokenize_preferences,
 )
+from dpo_minimal.adapters import load_adapter, save_adapter
 from dpo_minimal.losses import orpo_loss
 from dpo_minimal.memory import plan_memory
 from dpo_minimal.models import course_tokenizer
-from dpo_minimal.train import TrainConfig, load_adapter, save_adapter, train
+from dpo_minimal.train import TrainConfig, train
 
 ROWS = load_preferences(shipped_data_path("train")).select(range(8)).to_list()
 ROW = {key: ROWS[0][key] for key in ("prompt", "chosen", "rejected")}
