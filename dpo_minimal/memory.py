@@ -118,10 +118,10 @@ def activation_bytes_per_token(config, dtype, lora_r: int = 16, seq_len: int = 5
 
     The frozen base weights need no saved inputs (the input's gradient needs only the weight),
     and dropout is off in DPO training (as in TRL), so no masks are kept. For phi-2 in fp16
-    (T = 512, padded): 4h + 8 + s * (10h + 2f + 6r + T) + 4a, about 99 kB per token per layer
-    fused, and 4h + 8 + s * (10h + 5f + 6r + T) + 4a, about 160 kB, unfused. For Llama
+    (T = 512, padded): 4h + 8 + s * (9h + 2f + 6r + T) + 4a, about 99 kB per token per layer
+    fused, and 4h + 8 + s * (9h + 5f + 6r + T) + 4a, about 160 kB, unfused. For Llama
     (SmolLM2-135M: h = 576, f = 1536, a = 9, kv = 192, 30 layers) in bf16, padded:
-    2 (4h + 4) + s * (6h + f + 7r + 4h + T + 3f) + 4a, about 29 kB per token per layer
+    2 (4h + 4) + s * (6h + f + 7r + 4h + T + 3f) + 4a, about 30 kB per token per layer
     (kv instead of h for k and v, and no T term, if the batch has no padding). For full
     fine-tuning (lora_r=0) the same inputs are kept, now for the weight gradients.
     `arch` describes an unregistered family (default: its `ARCHITECTURES` entry).

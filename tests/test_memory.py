@@ -87,6 +87,8 @@ def test_fused_gelu_saves_three_mlp_tensors_per_token_and_layer(phi2_plans):
     per_token = activation_bytes_per_token(PHI2, "float16", lora_r=16, fused_gelu=False)
     assert per_token / 1e3 == pytest.approx(160, abs=1)  # the docstring's figures
     assert activation_bytes_per_token(PHI2, "float16", lora_r=16) / 1e3 == pytest.approx(99, abs=1)
+    h, r, a, T, s = 2560, 16, 32, 512, 2  # the docstring's formula, padded batch
+    assert per_token == 4 * h + 8 + s * (9 * h + 5 * f + 6 * r + T) + 4 * a
 
 
 def test_logits_term():
