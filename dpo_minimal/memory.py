@@ -201,8 +201,14 @@ def plan_memory(config, *, batch_pairs: int, seq_len: int, dtype, lora_r: int = 
     policy's). Full fine-tuning in `dpo_minimal.train` caches them before training instead.
     """
     dtype = _dtype(dtype)
+    for name, value in (("batch_pairs", batch_pairs), ("seq_len", seq_len), ("lora_r", lora_r)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__}).")
     if batch_pairs < 1 or seq_len < 1 or lora_r < 0:
-        raise ValueError("batch_pairs and seq_len must be >= 1 and lora_r >= 0.")
+        raise ValueError(f"batch_pairs and seq_len must be >= 1 and lora_r >= 0, got "
+                         f"{batch_pairs}, {seq_len} and {lora_r}.")
+    if not cuda_context_gib >= 0:
+        raise ValueError(f"cuda_context_gib must be >= 0, got {cuda_context_gib}.")
     if not 0.0 <= response_fraction <= 1.0:
         raise ValueError(f"response_fraction must be in [0, 1], got {response_fraction}.")
     if attn_implementation not in ("sdpa", "eager"):
