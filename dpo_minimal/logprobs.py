@@ -75,7 +75,7 @@ def _is_peft(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
-def _response_logits(model, input_ids, attention_mask, mask) -> torch.Tensor:
+def response_logits(model, input_ids, attention_mask, mask) -> torch.Tensor:
     """(N, V) logits at the N positions where `mask` (B, T-1) is set: `logits[:, :-1][mask]`.
 
     Where the architecture's logits are exactly lm_head(last hidden state) (its registry entry
@@ -117,7 +117,7 @@ def batch_logps(model, batch: dict, dtype: str = "float32", with_entropy: bool =
     autocast = (torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
                 if dtype != "float32" else nullcontext())
     with autocast:
-        picked = _response_logits(model, input_ids, batch["attention_mask"].to(device), mask)
+        picked = response_logits(model, input_ids, batch["attention_mask"].to(device), mask)
     logps = response_logps(picked, input_ids[:, 1:][mask], mask)
     if not with_entropy:
         return logps
