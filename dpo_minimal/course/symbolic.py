@@ -55,7 +55,7 @@ def objective(pi, pi_ref, r, beta) -> sp.Expr:
     """Eq 3 on one prompt, E_pi[r] - beta KL(pi || pi_ref) = sum_i pi_i (r_i - beta log pi_i/ref_i).
 
     Written as one expectation of the KL-penalised reward: the KL is itself an expectation over
-    pi of the log-ratio (the seed's step from (1) to (2)).
+    pi of the log-ratio (the first step of the paper's Appendix A.1).
     """
     return sp.Add(*[p * (ri - beta * sp.log(p / q)) for p, q, ri in zip(pi, pi_ref, r)])
 
@@ -131,6 +131,13 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
 
 
 def is_zero(expr: sp.Expr) -> bool:
-    """True if SymPy proves expr == 0 (after expanding sigma and logs of positive symbols)."""
-    expr = sp.expand_log(sp.sympify(expr).rewrite(sp.exp))
-    return sp.simplify(expr) == 0
+    """True if SymPy proves expr == 0; False means "not proven".
+
+    sigma is written out and unevaluated operations (derivatives, sums, limits) are carried
+    out; then it tries simplify on expr, on expr with logs of positive quantities expanded
+    (log ab = log a + log b), and with them combined (what the loss steps need). Both log
+    rules use the symbols' assumptions, so declare log-probabilities' arguments positive.
+    """
+    expr = sp.sympify(expr).rewrite(sp.exp).doit()
+    forms = (lambda e: e, sp.expand_log, sp.logcombine)
+    return any(sp.simplify(form(expr)) == 0 for form in forms)

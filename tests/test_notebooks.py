@@ -1,0 +1,71 @@
+"""The notebooks' promises that no output comparison can check: sources cited, solutions
+hidden but complete, one run time per notebook, one repository URL."""
+
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from notebook_tools import EXERCISE, cell_source, is_solution, solution_code
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+
+def _cells(path: Path) -> list[dict]:
+    return json.loads(path.read_text(encoding="utf-8"))["cells"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem[:2])
+def test_students_are_sent_only_to_sources_they_have(path):
+    text = path.read_text(encoding="utf-8")
+    found = re.findall(r"(?i)seed 00\d|seminar|earlier version of this notebook", text)
+    assert not found, f"{path.name}: cite the paper or TRL's documentation instead of {found}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem[:2])
+def test_every_exercise_has_a_hidden_solution_that_no_cell_runs(path):
+    cells = _cells(path)
+    exercises = [i for i, c in enumerate(cells)
+                 if c["cell_type"] == "markdown" and EXERCISE.search(cell_source(c))]
+    solutions = [i for i, c in enumerate(cells) if is_solution(c)]
+    assert exercises, f"{path.name} has no exercises"
+    for start, end in zip(exercises, exercises[1:] + [len(cells)]):
+        assert any(start < i < end or i == start for i in solutions), \
+            f"{path.name}: the exercise in cell {start} has no <details> solution after it"
+    code_cells = [cell_source(c) for c in cells if c["cell_type"] == "code"]
+    for i in solutions:
+        for line in solution_code(cells[i]).splitlines():
+            line = line.strip()
+            if len(line) > 30 and not line.startswith(("#", "import", "from")):
+                assert not any(line in code for code in code_cells), \
+                    f"{path.name}: the solution in cell {i} also runs in a code cell: {line!r}"
+
+
+def _header_run_time(path: Path) -> str:
+    match = re.search(r"\*\*Run time\.\*\* ([^\n]+)", cell_source(_cells(path)[0]))
+    assert match, f"{path.name}: the title cell needs a '**Run time.** ...' line"
+    return match.group(1).strip()
+
+
+def test_run_times_have_one_source():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for path in NOTEBOOKS:
+        row = next((line for line in readme.splitlines()
+                    if line.startswith("|") and f"notebooks/{path.name})" in line), None)
+        assert row, f"README's notebook table has no row for {path.name}"
+        assert f"| {_header_run_time(path)} |" in row, \
+            f"{path.name}: README and the title cell disagree on the run time"
+
+
+def test_colab_setup_cells_install_from_the_one_repository_url():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    url = project["urls"]["Repository"]
+    for path in NOTEBOOKS:
+        setup = next(cell_source(c) for c in _cells(path)
+                     if c["cell_type"] == "code" and "google.colab" in cell_source(c))
+        assert setup.startswith("# NBVAL_SKIP"), path.name
+        assert f'REPO = "{url}"' in setup and "torch" not in setup.split("pip install")[-1], \
+            f"{path.name}: the set-up cell must install from {url} and leave torch alone"

@@ -1,0 +1,193 @@
+"""Instructor mode without a browser: slide metadata rules, derivation fragments, offline HTML.
+
+The notebooks here are synthetic (no notebooks/ file is touched); tests/test_browser.py opens
+the same builds in Chromium.
+"""
+
+import re
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from bs4 import BeautifulSoup
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import build_site  # noqa: E402
+import build_slides  # noqa: E402
+import slide_metadata  # noqa: E402
+
+STEPS = [
+    r"p^*(y_1 \succ y_2 \mid x) &= \frac{e^{r_1}}{e^{r_1} + e^{r_2}} "
+    r"&& \text{Bradley-Terry} \tag{1}",
+    r"&= \frac{1}{1 + e^{r_2 - r_1}} && \text{divide by } e^{r_1}",
+    r"&= \sigma(r_1 - r_2) && \text{definition of } \sigma",
+]
+# What each cell of synthetic_notebook() gets from the rules, in order.
+RULE_TYPES = ["slide", "skip", "slide", "subslide", "subslide", "-", "skip", "subslide", "-"]
+
+
+def synthetic_notebook() -> nbformat.NotebookNode:
+    """A small course notebook: title, set-up, a derivation (the helper's contract), an exercise.
+
+    Its derivation output is what the derivation helper writes: text/latex with the aligned
+    steps, and the steps again in the output metadata.
+    """
+    latex = r"\begin{align*}" + r" \\ ".join(STEPS) + r"\end{align*}"
+    derivation = new_output("display_data", data={"text/latex": latex, "text/plain": "<steps>"},
+                            metadata={"dpo_course": {"derivation_steps": STEPS}})
+    badge = ("[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
+             "(https://colab.research.google.com/github/o/r/blob/main/notebooks/99.ipynb)")
+    nb = new_notebook(cells=[
+        new_markdown_cell(f"# 99 · A synthetic notebook\n\nGoal: $\\sigma(r_1 - r_2)$.\n\n{badge}"),
+        new_code_cell("# NBVAL_SKIP\nIN_COLAB = False"),
+        new_markdown_cell("## 1. Bradley-Terry\n\nInline $\\beta$, display $$\\frac{a}{b}.$$"),
+        new_code_cell("bt = derivation(...)", outputs=[derivation]),
+        new_markdown_cell("### Numbers\n\nThe same in numbers."),
+        new_code_cell("print('p =', 0.73)", outputs=[
+            new_output("stream", name="stdout", text="p = 0.73\n"),
+            new_output("stream", name="stderr", text="a warning\n")]),
+        new_markdown_cell("<details><summary>Solution</summary>\n\n```python\nx = 1\n```\n"
+                          "</details>"),
+        new_code_cell("\n".join(f"x{i} = {i}" for i in range(20))),
+        new_markdown_cell("The end: $\\pi^*(y \\mid x)$."),
+    ])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                 "language": "python"}
+    return nb
+
+
+def write(nb, path: Path) -> Path:
+    nbformat.write(nb, path)
+    return path
+
+
+def test_rules_give_every_cell_a_slide_type():
+    nb = synthetic_notebook()
+    assert slide_metadata.assign(nb) == len(nb.cells)
+    assert [slide_metadata.slide_type(c) for c in nb.cells] == RULE_TYPES
+    assert slide_metadata.expected_slides(nb) == 5
+
+
+def test_hand_set_metadata_is_kept_and_a_second_run_changes_nothing(tmp_path):
+    nb = synthetic_notebook()
+    nb.cells[5].metadata["slideshow"] = {"slide_type": "notes"}  # set by hand
+    path = write(nb, tmp_path / "nb.ipynb")
+    assert slide_metadata.main([str(path)]) == 0
+    first = path.read_bytes()
+    assert slide_metadata.main([str(path)]) == 0
+    assert path.read_bytes() == first
+    again = nbformat.read(path, as_version=4)
+    assert slide_metadata.slide_type(again.cells[5]) == "notes"
+    # Only metadata changed: sources and outputs are as they were.
+    original = synthetic_notebook()
+    assert [c.source for c in again.cells] == [c.source for c in original.cells]
+    assert [c.get("outputs") for c in again.cells] == [c.get("outputs") for c in original.cells]
+
+
+def test_check_fails_without_metadata_and_passes_with_it(tmp_path, capsys):
+    path = write(synthetic_notebook(), tmp_path / "nb.ipynb")
+    assert slide_metadata.main(["--check", str(path)]) == 1
+    assert "cell 0 has no metadata.slideshow.slide_type" in capsys.readouterr().out
+    assert nbformat.read(path, as_version=4).cells[0].metadata == {}  # --check writes nothing
+    slide_metadata.main([str(path)])
+    assert slide_metadata.main(["--check", str(path)]) == 0
+    nb = nbformat.read(path, as_version=4)
+    nb.cells[2].metadata.slideshow.slide_type = "title"
+    write(nb, path)
+    assert slide_metadata.main(["--check", str(path)]) == 1
+
+
+def test_derivation_becomes_one_fragment_per_step():
+    html = build_slides.fragments_html(STEPS)
+    steps = re.findall(r'<div class="dpo-step fragment" data-step="(\d)"[^>]*>(.*?)</div>', html)
+    assert [n for n, _ in steps] == ["1", "2", "3"]
+    assert html.count('data-tag="1"') == 1  # the step with \tag{1}, for its screenshot
+    assert all(s.startswith(r"\begin{align*}") and s.endswith(r"\end{align*}") for _, s in steps)
+    assert r"\tag{1}" in steps[0][1] and "&amp;=" in steps[1][1]  # escaped for HTML
+    # later steps carry the first step's left side, invisible, so the = signs line up
+    assert steps[1][1].startswith(r"\begin{align*} \phantom{p^*(y_1 \succ y_2 \mid x)}")
+
+
+def test_bad_derivation_metadata_is_a_clear_error():
+    output = new_output("display_data", data={"text/latex": "x"},
+                        metadata={"dpo_course": {"derivation_steps": "x = y"}})
+    with pytest.raises(ValueError, match="non-empty list of LaTeX strings"):
+        build_slides.derivation_steps(output)
+
+
+def _references(html: str) -> list[str]:
+    """What a page loads by itself: src of scripts and images, href of stylesheets."""
+    tags = re.findall(r"<(?:script|img|link|iframe|source)\b[^>]*>", html)
+    return [m for tag in tags for m in re.findall(r'(?:src|href)="([^"]*)"', tag)]
+
+
+def _assert_offline(html: str, folder: Path) -> None:
+    for ref in _references(html):
+        assert not re.match(r"^(https?:)?//", ref), f"remote reference {ref}"
+        if not ref.startswith("data:"):
+            assert (folder / ref).is_file(), f"missing local file {ref}"
+
+
+def test_deck_is_offline_and_has_fragments(tmp_path):
+    nb = synthetic_notebook()
+    slide_metadata.assign(nb)
+    path = write(nb, tmp_path / "99_synthetic.ipynb")
+    build_slides.copy_static(tmp_path / "out")
+    html = build_slides.build_deck(path, tmp_path / "out").read_text()
+    _assert_offline(html, tmp_path / "out")
+    assert html.count('class="dpo-step fragment"') == len(STEPS)
+    assert "bt = derivation" not in html  # the derivation's code is hidden on slides
+    assert "a warning" not in html and "p = 0.73" in html  # stderr dropped, stdout kept
+    assert "x = 1" not in html  # the solution is skipped
+    assert "NBVAL_SKIP" not in html and "colab-badge.svg" not in html
+    assert html.count("<section") == 5 + 2  # five slides, in two horizontal stacks
+
+
+def test_deck_needs_slide_metadata(tmp_path):
+    path = write(synthetic_notebook(), tmp_path / "nb.ipynb")
+    with pytest.raises(SystemExit, match="slide_metadata.py"):
+        build_slides.build_deck(path, tmp_path)
+
+
+def _pager(html: str) -> dict:
+    links = BeautifulSoup(html, "html.parser").select("nav.dpo-pager a[rel]")
+    return {a["rel"][0]: a["href"] for a in links}
+
+
+def test_site_pages_navigation_and_handout(tmp_path):
+    first = write(synthetic_notebook(), tmp_path / "01_first.ipynb")
+    second_nb = synthetic_notebook()
+    second_nb.cells[0].source = "# 02 · The second one"
+    second = write(second_nb, tmp_path / "02_second.ipynb")
+    readme = tmp_path / "README.md"
+    readme.write_text("# c\n\nIntro **text**.\n\n| # | notebook | goal | hardware | run time |\n"
+                      "|---|---|---|---|---|\n"
+                      "| 01 | [First](notebooks/01_first.ipynb) | Learn *BT* | CPU | 1 s |\n")
+    (tmp_path / "figures").mkdir()
+    pages = build_site.build([first, second], tmp_path / "site", readme, tmp_path / "figures")
+    names = sorted(p.name for p in pages)
+    assert names == ["01_first.html", "02_second.html", "figures.html", "handout.html",
+                     "index.html"]
+    for page in pages:
+        _assert_offline(page.read_text(), tmp_path / "site")
+    home = (tmp_path / "site" / "index.html").read_text()
+    assert "Learn <em>BT</em>" in home and 'href="02_second.html">The second one' in home
+    one = (tmp_path / "site" / "01_first.html").read_text()
+    assert _pager(one) == {"next": "02_second.html"}
+    assert _pager((tmp_path / "site" / "02_second.html").read_text()) == {"prev": "01_first.html"}
+    assert "a warning" in one  # the site shows every committed output
+    handout = (tmp_path / "site" / "handout.html").read_text()
+    assert handout.count('class="dpo-derivation-block"') == 2
+    assert r"\qquad (1)" in handout and "<h3>1. Bradley-Terry</h3>" in handout
+    assert "@media print" in (tmp_path / "site" / "_static" / "course.css").read_text()
+
+
+def test_readme_table_of_this_repository_names_every_notebook():
+    rows = build_site.readme_table((ROOT / "README.md").read_text())
+    notebooks = sorted(f"notebooks/{p.name}" for p in (ROOT / "notebooks").glob("*.ipynb"))
+    assert sorted(rows) == notebooks
+    assert all(row["goal"] and row["hardware"] for row in rows.values())
