@@ -1,4 +1,4 @@
-"""The derivation of notebook 02, re-checked: each identity of dpo_minimal.symbolic, against the
+"""The derivation of notebook 02, re-checked: each identity of dpo_minimal.course.symbolic, against the
 formula written out here, and against numbers."""
 
 import math
