@@ -24,6 +24,8 @@ from transformers import (
 )
 
 TOKENIZER_FILE = Path(__file__).parent / "tokenizer" / "tokenizer.json"
+# The shipped pretrained tiny models, one folder per arch (scripts/pretrain.py).
+PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 EOS = "<|endoftext|>"
 
 
@@ -169,18 +171,28 @@ def course_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def tiny_model(arch: str = "gpt2", seed: int = 0):
+def tiny_model(arch: str = "gpt2", seed: int = 0, pretrained: bool = False):
     """A randomly initialised small model of a real architecture, with the course tokenizer.
 
     arch is a key of `ARCHITECTURES`: "gpt2" gives a `GPT2LMHeadModel`, "phi" a
     `PhiForCausalLM` (partial rotary, untied lm_head with bias, like phi-2), "llama" a
     `LlamaForCausalLM` (SwiGLU, RMSNorm, 2 key/value heads for 4 query heads, tied head, like
     SmolLM2). All have 4 layers of width 128 and run in seconds on CPU.
+    `pretrained=True` (gpt2 only; `seed` unused) loads instead the shipped GPT-2 trained on the
+    course's task world (pretrained/gpt2/, float32; scripts/pretrain.py and its RECIPE.md).
     Returns (model, tokenizer); the model is in eval mode.
     """
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown arch {arch!r}: use one of {', '.join(ARCHITECTURES)}.")
     tokenizer = course_tokenizer()
+    if pretrained:
+        if not (PRETRAINED_DIR / arch).is_dir():
+            raise ValueError(f"no pretrained weights ship for arch {arch!r}: use 'gpt2', or "
+                             "pretrained=False for a randomly initialised model.")
+        model_class = ARCHITECTURES[arch].model_class
+        model = model_class.from_pretrained(PRETRAINED_DIR / arch, dtype=torch.float32).eval()
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        return model, tokenizer
     config = ARCHITECTURES[arch].tiny_config(dict(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
