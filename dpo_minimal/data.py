@@ -85,8 +85,17 @@ def _read_file(path: Path) -> list[tuple[str, object]]:
     lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     try:
         from datasets import load_dataset
+        from datasets.utils import logging as datasets_logging
 
-        dataset = load_dataset("json", data_files=str(path), split="train")
+        # Its progress bar would show only on the first read (later ones hit the cache): keep
+        # it off so that what a notebook prints does not depend on the cache.
+        bars = datasets_logging.is_progress_bar_enabled()
+        datasets_logging.disable_progress_bar()
+        try:
+            dataset = load_dataset("json", data_files=str(path), split="train")
+        finally:
+            if bars:
+                datasets_logging.enable_progress_bar()
         rows = [{k: v for k, v in row.items() if v is not None} for row in dataset.to_list()]
         if len(rows) != len(lines):
             raise ValueError("row count differs from line count")
