@@ -384,7 +384,7 @@ the duration of `train`/`evaluate`; after it the profile is 87 % matmuls (addmm 
 forward ones at about 74 GFLOP/s on one core, so the remaining levers are the ones that skip
 work:
 
-- applying the LM head at response positions only (`train._response_logits`): about a third
+- applying the LM head at response positions only (`logprobs.response_logits`): about a third
   of the tiny model's forward FLOPs, ~3 % at 124M;
 - keeping reference log-probs per pair (`cache_reference`): a step of the second and later
   epochs has no reference forward (the epoch-2 row);

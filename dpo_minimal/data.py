@@ -1,6 +1,7 @@
 """Preference data: loading, checking, tokenising and collating (x, y_w, y_l) pairs."""
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -16,6 +17,10 @@ SHIPPED = {
 COLUMNS = ("prompt", "chosen", "rejected")
 
 
+class OverlongPromptError(ValueError):
+    """A prompt alone fills max_length, so its pair has no response tokens left to train."""
+
+
 def shipped_data_path(split: str = "train") -> Path:
     """Path of a preference file shipped with the package: 'train', 'test' or 'conversations'."""
     if split not in SHIPPED:
@@ -23,37 +28,166 @@ def shipped_data_path(split: str = "train") -> Path:
     return SHIPPED[split]
 
 
-def _read_rows(source, split: str) -> list[dict]:
+# A string with one of these file suffixes, or that starts like a path, is a local file: it is
+# never sent to the Hub, where a typo (data/train.josnl) would come back as a network error.
+_PATH_START = ("/", "./", "../", "~", ".\\")
+
+
+def _looks_local(source: str) -> bool:
+    suffix = Path(source).suffix
+    return (source.startswith(_PATH_START) or source.count("/") > 1 or "\\" in source
+            or bool(re.fullmatch(r"\.[A-Za-z]{2,8}", suffix)))
+
+
+def _read_rows(source, split: str) -> list[tuple[str, object]]:
+    """(where, row) for each row of the source; `where` names the file and line when there is
+    one ("prefs.jsonl:line 3"), else the row ("row 3")."""
     if isinstance(source, Dataset):
-        return source.to_list()
+        return [(f"row {i}", row) for i, row in enumerate(source.to_list())]
     if isinstance(source, list):
-        return source
-    path = Path(source)
-    if path.suffix == ".jsonl":
-        lines = path.read_text(encoding="utf-8").splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
-    if path.suffix == ".json":
-        rows = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(rows, list):
-            raise ValueError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}.")
-        return rows
-    if path.exists():
-        raise ValueError(f"{path}: use a .jsonl or .json file.")
+        return [(f"row {i}", row) for i, row in enumerate(source)]
+    if not isinstance(source, (str, Path)):
+        raise ValueError(f"cannot read preference data from a {type(source).__name__}: pass a "
+                         ".jsonl/.json path, a list of dicts, a datasets.Dataset or a Hub name.")
+    path = Path(source).expanduser()
+    if path.is_file():
+        return _read_file(path)
+    if path.exists() or isinstance(source, Path) or _looks_local(str(source)):
+        raise FileNotFoundError(f"{source}: no such file (it looks like a local path, so it was "
+                                "not looked up on the Hub); check the name and the folder.")
     from datasets import load_dataset  # a Hub name: full mode, needs the network
 
-    return load_dataset(str(source), split=split).to_list()
+    rows = load_dataset(str(source), split=split).to_list()
+    return [(f"{source} row {i}", row) for i, row in enumerate(rows)]
 
 
-def _render(messages: list, where: str) -> str:
-    """Messages as plain text, one 'Role: content' line each (the course tokenizer has no chat
-    template)."""
-    lines = []
+def _read_file(path: Path) -> list[tuple[str, object]]:
+    """A .jsonl or .json file read by `datasets.load_dataset("json")`, each row with its line.
+
+    When Arrow cannot read the file (a broken line, a column whose type changes between rows),
+    it is read line by line instead, so that the error, or the row check that follows, names
+    the file and the line.
+    """
+    if path.suffix not in (".jsonl", ".json"):
+        raise ValueError(f"{path}: use a .jsonl (one JSON object per line) or .json (a list of "
+                         "objects) file.")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column "
+                             f"{err.colno}); fix the file.") from None
+        if not isinstance(rows, list):
+            raise ValueError(f"{path}: expected a JSON list of rows, got "
+                             f"{type(rows).__name__}; use a list, or one row per line in .jsonl.")
+        return [(f"{path.name}: row {i}", row) for i, row in enumerate(rows)]
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    try:
+        from datasets import load_dataset
+        from datasets.utils import logging as datasets_logging
+
+        # Its progress bar would show only on the first read (later ones hit the cache): keep
+        # it off so that what a notebook prints does not depend on the cache.
+        bars = datasets_logging.is_progress_bar_enabled()
+        datasets_logging.disable_progress_bar()
+        try:
+            dataset = load_dataset("json", data_files=str(path), split="train")
+        finally:
+            if bars:
+                datasets_logging.enable_progress_bar()
+        rows = [{k: v for k, v in row.items() if v is not None} for row in dataset.to_list()]
+        if len(rows) != len(lines):
+            raise ValueError("row count differs from line count")
+    except Exception:  # noqa: BLE001 - any failure: the line-by-line reader names the line
+        rows = []
+        for n, line in lines:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path.name}: line {n}: not valid JSON ({err.msg}); each "
+                                 "line must be one JSON object. Fix or delete the line.") from None
+    return [(f"{path.name}: line {n}", row) for (n, _), row in zip(lines, rows)]
+
+
+ROLES = ("system", "user", "assistant")
+
+
+def _check_message_fields(messages: list, where: str) -> None:
+    """Every message is a dict with a known role and a non-empty string content."""
     for k, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise ValueError(f"{where}, message {k}: every message needs 'role' and 'content' "
                              f"keys, e.g. {{'role': 'user', 'content': '...'}}; got {message!r}.")
-        lines.append(f"{str(message['role']).capitalize()}: {message['content']}")
-    return "\n".join(lines)
+        role, content = message["role"], message["content"]
+        if role not in ROLES:
+            raise ValueError(f"{where}, message {k}: role {role!r} is not one of "
+                             f"{', '.join(ROLES)}; rename it (e.g. 'bot' -> 'assistant').")
+        if not isinstance(content, str):
+            raise ValueError(f"{where}, message {k}: content must be a str, got "
+                             f"{type(content).__name__} ({content!r}); fix or drop the row.")
+        if not content.strip():
+            raise ValueError(f"{where}, message {k}: the content is empty; fix or drop the row.")
+
+
+def _check_turns(messages: list, where: str, reply: bool) -> None:
+    """Turn order (TRL's conversational format): a prompt is an optional system message, then
+    user and assistant turns alternating, ending with a user turn; a reply is assistant
+    messages only."""
+    roles = [m["role"] for m in messages]
+    if reply:
+        if set(roles) != {"assistant"}:
+            raise ValueError(f"{where}: a reply must be assistant messages only, got roles "
+                             f"{roles}; move other turns into the prompt.")
+        return
+    if "system" in roles[1:]:
+        raise ValueError(f"{where}: a system message may only come first, got roles {roles}.")
+    turns = roles[1:] if roles and roles[0] == "system" else roles
+    expected = ["user", "assistant"] * len(turns)
+    if not turns or turns != expected[:len(turns)] or turns[-1] != "user":
+        raise ValueError(f"{where}: the prompt's turns must alternate user, assistant, ... and "
+                         f"end with a user turn (the reply answers it), got roles {roles}.")
+
+
+def _render(messages: list, tokenizer, generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False,
+                                         add_generation_prompt=generation_prompt)
+
+
+def _conversation(prompt: list, chosen: list, rejected: list, where: str, tokenizer) -> dict:
+    """Prompt and replies as text through the tokenizer's chat template."""
+    _check_turns(prompt, f"{where}, column 'prompt'", reply=False)
+    out = {"prompt": _render(prompt, tokenizer, True)}
+    for column, reply in (("chosen", chosen), ("rejected", rejected)):
+        _check_turns(reply, f"{where}, column {column!r}", reply=True)
+        full = _render(prompt + reply, tokenizer, False)
+        if not full.startswith(out["prompt"]):
+            raise ValueError(f"{where}: the chat template does not render the prompt as the "
+                             "start of prompt + reply, so the reply cannot be cut from it; use a "
+                             "template that does (most do).")
+        out[column] = full[len(out["prompt"]):]
+    return out
+
+
+def _split_implicit(chosen, rejected, where: str):
+    """(prompt, chosen, rejected) from rows whose prompt is the shared start of both."""
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        prompt_c, prompt_r = chosen[:-1], rejected[:-1]
+        if prompt_c != prompt_r:
+            raise ValueError(f"{where}: chosen and rejected must share the same prompt (every "
+                             "message before the last, system message included), but they "
+                             "differ; fix the row or add a 'prompt' column.")
+        return prompt_c, chosen[-1:], rejected[-1:]
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        n = _common_prefix(chosen, rejected)
+        n = chosen.rfind(" ", 0, n + 1) if n < len(chosen) else n  # cut at a word boundary
+        n = max(n, 0)
+        if n == 0:
+            raise ValueError(f"{where}: no 'prompt' column and chosen/rejected share no prompt; "
+                             "add a 'prompt' column.")
+        return chosen[:n], chosen[n:], rejected[n:]
+    raise ValueError(f"{where}: chosen and rejected must both be strings or both lists of "
+                     "messages (conversational format).")
 
 
 def _common_prefix(a, b):
@@ -63,37 +197,37 @@ def _common_prefix(a, b):
     return n
 
 
-def _normalise(row: dict, i: int) -> dict:
-    """One row in any TRL format -> plain-text prompt, chosen, rejected."""
-    where = f"row {i}"
+def _normalise(row, where: str, tokenizer=None) -> dict:
+    """One row in any TRL format -> plain-text prompt, chosen, rejected (checked)."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a dict (JSON object) with prompt/chosen/rejected, "
+                         f"got {type(row).__name__}.")
     for column in ("chosen", "rejected"):
         if column not in row:
             raise ValueError(f"{where}: missing column {column!r}; every row needs 'chosen' and "
                              "'rejected' (and 'prompt', unless it is implicit in both).")
     prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
-    if prompt is None and "prompt" not in row:  # implicit prompt: the shared start of both
-        if isinstance(chosen, list) and isinstance(rejected, list):
-            n = _common_prefix(chosen, rejected)
-            prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
-        elif isinstance(chosen, str) and isinstance(rejected, str):
-            n = _common_prefix(chosen, rejected)
-            n = chosen.rfind(" ", 0, n + 1) if n < len(chosen) else n  # cut at a word boundary
-            prompt, chosen, rejected = chosen[:max(n, 0)], chosen[max(n, 0):], rejected[max(n, 0):]
-        if not prompt:
-            raise ValueError(f"{where}: no 'prompt' column and chosen/rejected share no prompt; "
-                             "add a 'prompt' column.")
-    out = {}
     for column, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
         if isinstance(value, list):
-            value = _render(value, f"{where}, column {column!r}")
-            if column == "prompt":
-                value += "\nAssistant:"
-            else:  # a reply: drop the 'Assistant: ' the renderer put in front
-                value = " " + value.split(": ", 1)[1] if value.startswith("Assistant: ") else value
+            _check_message_fields(value, f"{where}, column {column!r}")
+    if prompt is None:
+        prompt, chosen, rejected = _split_implicit(chosen, rejected, where)
+    kinds = {type(v).__name__ for v in (prompt, chosen, rejected) if isinstance(v, (str, list))}
+    if kinds == {"list"}:
+        if tokenizer is None:
+            from .models import course_tokenizer
+
+            tokenizer = course_tokenizer()
+        out = _conversation(prompt, chosen, rejected, where, tokenizer)
+    elif len(kinds) == 2:
+        raise ValueError(f"{where}: mixes formats, some columns are lists of messages "
+                         "(conversational) and some plain strings; use one format per row.")
+    else:
+        out = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    for column, value in out.items():
         if not isinstance(value, str):
-            raise ValueError(f"{where}, column {column!r}: expected a string or a list of "
+            raise ValueError(f"{where}, column {column!r}: expected a string (str) or a list of "
                              f"messages, got {type(value).__name__}; fix or drop the row.")
-        out[column] = value
     for column in ("chosen", "rejected"):
         if not out[column].strip():
             raise ValueError(f"{where}, column {column!r}: the response is empty; a pair needs "
@@ -104,33 +238,41 @@ def _normalise(row: dict, i: int) -> dict:
     return out
 
 
-def load_preferences(source, split: str = "train", prompt_template: str | None = None) -> Dataset:
+def load_preferences(source, split: str = "train", prompt_template: str | None = None,
+                     tokenizer=None) -> Dataset:
     """Load preference pairs as a Dataset with string columns prompt, chosen and rejected.
 
     Args:
         source: a .jsonl/.json path, a list of dicts, a `datasets.Dataset`, or a Hub name
-            (e.g. "jondurbin/truthy-dpo-v0.1"; full mode, needs the network).
+            (e.g. "jondurbin/truthy-dpo-v0.1"; full mode, needs the network). A string that
+            looks like a path is never sent to the Hub.
         split: the split to load for a Hub name.
         prompt_template: optional format string applied to each prompt, with fields {prompt}
             and, if the data has that column, {system}; e.g. "Instruct: {prompt}\nOutput:".
+        tokenizer: whose chat template renders conversational rows; default the course
+            tokenizer's ("User: ..." lines, the prompt ending with "Assistant:").
 
     Accepts TRL's formats: standard (strings), conversational (lists of {"role", "content"}
-    messages, rendered as "Role: content" lines, the prompt ending with "Assistant:") and
-    implicit prompt (no prompt column: the shared start of chosen and rejected is the prompt).
-    Other columns (e.g. "system") are kept. Bad rows raise ValueError naming the row and column.
+    messages, checked for roles, turn order and contents) and implicit prompt (no prompt
+    column: the shared start of chosen and rejected is the prompt). Other columns (e.g.
+    "system") are kept. Bad rows raise ValueError naming the row (file and line for a file),
+    the column and the fix; a missing file raises FileNotFoundError.
     """
     rows = _read_rows(source, split)
     if not rows:
-        raise ValueError("the preference data set is empty: it needs at least one pair.")
+        name = f" {source}" if isinstance(source, (str, Path)) else ""
+        raise ValueError(f"the preference data set{name} is empty: it needs at least one pair.")
     out = []
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise ValueError(f"row {i}: expected a dict with prompt/chosen/rejected, got "
-                             f"{type(row).__name__}.")
+    for where, row in rows:
+        pair = _normalise(row, where, tokenizer)
         extra = {k: v for k, v in row.items() if k not in COLUMNS}
-        pair = _normalise(row, i)
         if prompt_template is not None:
-            pair["prompt"] = prompt_template.format(prompt=pair["prompt"], system=row.get("system"))
+            try:
+                pair["prompt"] = prompt_template.format(prompt=pair["prompt"],
+                                                        system=row.get("system"))
+            except (KeyError, IndexError) as err:
+                raise ValueError(f"prompt_template {prompt_template!r} uses the field {err}, "
+                                 "which rows do not have: use {prompt} (and {system}).") from None
         out.append({**pair, **extra})
     return Dataset.from_list(out)
 
@@ -168,9 +310,10 @@ def _truncate(prompt_ids, chosen_ids, rejected_ids, tokenizer, max_length: int,
         prompt_ids = prompt_ids[-max_prompt_length:]
     room = max_length - len(prompt_ids)
     if room <= 0:
-        raise ValueError(f"the prompt alone has {len(prompt_ids)} tokens, which fills "
-                         f"max_length={max_length}: raise max_length, set max_prompt_length below "
-                         "it, or drop such pairs (drop_overlong=True).")
+        raise OverlongPromptError(
+            f"the prompt alone has {len(prompt_ids)} tokens, which fills max_length={max_length}: "
+            "raise max_length, set max_prompt_length below it, or drop such pairs "
+            "(drop_overlong=True in tokenize_preferences or TrainConfig).")
     return {
         "prompt_ids": prompt_ids,
         "chosen_ids": (chosen_ids + [tokenizer.eos_token_id])[:room],
@@ -196,10 +339,12 @@ def tokenize_preferences(data, tokenizer, max_length: int, max_prompt_length: in
         try:
             out.append(_truncate(*ids[3 * i: 3 * i + 3], tokenizer, max_length,
                                  max_prompt_length))
-        except ValueError as err:
-            if not (drop_overlong and "fills max_length" in str(err)):
-                raise ValueError(f"row {i}: {err}") from None
+        except OverlongPromptError as err:
+            if not drop_overlong:
+                raise OverlongPromptError(f"row {i}: {err}") from None
             dropped.append(i)
+        except ValueError as err:
+            raise ValueError(f"row {i}: {err}") from None
     if dropped:
         warnings.warn(f"dropped {len(dropped)} of {len(data)} pairs whose prompt fills "
                       f"max_length={max_length} (rows {dropped[:10]}); raise max_length or set "

@@ -1,5 +1,7 @@
 """Per-sequence log-probabilities of the response tokens."""
 
+from contextlib import nullcontext
+
 import torch
 
 
@@ -64,3 +66,60 @@ def response_logps(
             raise ValueError("a row has no response tokens, so its average log-prob is undefined.")
         sums = sums / counts
     return sums
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _is_peft(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def response_logits(model, input_ids, attention_mask, mask) -> torch.Tensor:
+    """(N, V) logits at the N positions where `mask` (B, T-1) is set: `logits[:, :-1][mask]`.
+
+    Where the architecture's logits are exactly lm_head(last hidden state) (its registry entry
+    says so) and any adapter is LoRA, the head is applied to those positions only: the
+    (B, T, V) logits, the largest activation of a small model, are never built, nor their
+    gradient. Other models go through their own forward.
+    """
+    from .models import has_plain_head
+
+    base = model.get_base_model() if _is_peft(model) else model
+    plain = has_plain_head(base) and (
+        not _is_peft(model) or all(c.peft_type == "LORA" for c in model.peft_config.values()))
+    if not plain:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return logits[:, :-1][mask]
+    body = getattr(base, base.base_model_prefix)  # GPT2Model / PhiModel, LoRA layers inside
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask,
+                  use_cache=False).last_hidden_state
+    return base.get_output_embeddings()(hidden[:, :-1][mask])
+
+
+def batch_logps(model, batch: dict, dtype: str = "float32", with_entropy: bool = False):
+    """Summed response log-probs of every row of a collated batch, in one forward pass.
+
+    Args:
+        model: a causal LM (peft-wrapped or not), on the device the batch is moved to.
+        batch: `collate_pairs` output: input_ids, attention_mask, loss_mask, each (2B, T).
+        dtype: compute dtype under autocast, "float32" (none), "float16" or "bfloat16".
+        with_entropy: also return the mean next-token entropy (nats) at response positions.
+
+    Returns:
+        (2B,) float32 log pi(y | x): rows 0..B-1 chosen, B..2B-1 rejected; equal to
+        `sequence_logps(model(...).logits, input_ids, loss_mask)`. With `with_entropy`, a pair
+        (logps, entropy).
+    """
+    device = next(model.parameters()).device
+    input_ids = batch["input_ids"].to(device)
+    mask = batch["loss_mask"].to(device)[:, 1:].bool()
+    autocast = (torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
+                if dtype != "float32" else nullcontext())
+    with autocast:
+        picked = response_logits(model, input_ids, batch["attention_mask"].to(device), mask)
+    logps = response_logps(picked, input_ids[:, 1:][mask], mask)
+    if not with_entropy:
+        return logps
+    log_probs = picked.float().log_softmax(-1)
+    return logps, -(log_probs.exp() * log_probs).sum(-1).mean()

@@ -1,5 +1,9 @@
 """The DPO loss and its family, from per-sequence log-probabilities."""
 
+import math
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -9,25 +13,31 @@ _NEEDS_LENGTHS = ("ipo", "simpo")
 
 def _check(tensors: dict, loss_type: str, beta: float, label_smoothing: float) -> None:
     if loss_type not in LOSS_TYPES:
-        raise ValueError(f"unknown loss_type {loss_type!r}: use one of {', '.join(LOSS_TYPES)}.")
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}: beta is the KL weight (try 0.1).")
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(
-            f"label_smoothing must be in [0, 0.5), got {label_smoothing}: it is the assumed "
-            "probability that a preference label is flipped (try 0.1)."
-        )
-    if label_smoothing and loss_type not in ("sigmoid", "robust"):
-        raise ValueError(f"label_smoothing applies to 'sigmoid' and 'robust', not {loss_type!r}.")
+        raise ValueError(f"unknown loss_type {loss_type!r}: use one of {', '.join(LOSS_TYPES)} "
+                         "(kto_loss and orpo_loss are functions of their own).")
+    check_loss_settings(loss_type, beta, label_smoothing)
     _check_shapes(tensors)
 
 
 def _check_shapes(tensors: dict) -> None:
-    """All given (non-None) tensors are 1-D and of one shape (B,)."""
-    shapes = {name: tuple(t.shape) for name, t in tensors.items() if t is not None}
+    """All given (non-None) inputs are finite float tensors, 1-D, of one shape (B,), B >= 1."""
+    given = {name: t for name, t in tensors.items() if t is not None}
+    for name, t in given.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of shape (B,), got "
+                            f"{type(t).__name__}: wrap it with torch.tensor(...).")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a float tensor (log-probs), got {t.dtype}.")
+    shapes = {name: tuple(t.shape) for name, t in given.items()}
     first = next(iter(shapes.values()))
     if len(first) != 1 or any(s != first for s in shapes.values()):
         raise ValueError(f"all inputs must be 1-D tensors of the same shape (B,), got {shapes}.")
+    if first[0] == 0:
+        raise ValueError("the inputs are empty (B = 0): a loss needs at least one pair, B >= 1.")
+    for name, t in given.items():
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{name} holds NaN or inf values, which would make every loss "
+                             "non-finite: check the log-probs (an fp16 overflow?) first.")
 
 
 def _check_lengths(chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor) -> None:
@@ -80,14 +90,24 @@ def dpo_loss(
         rejected_lengths=rejected_lengths,
     )
     _check(tensors, loss_type, beta, label_smoothing)
+    if loss_type in _NEEDS_LENGTHS and (chosen_lengths is None or rejected_lengths is None):
+        raise ValueError(f"loss_type={loss_type!r} averages per token: pass chosen_lengths "
+                         "and rejected_lengths (response token counts).")
+    if chosen_lengths is not None and rejected_lengths is not None:
+        _check_lengths(chosen_lengths, rejected_lengths)
+    return _dpo_losses(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                       reference_rejected_logps, beta, loss_type, label_smoothing,
+                       chosen_lengths, rejected_lengths, simpo_gamma)
+
+
+def _dpo_losses(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                reference_rejected_logps, beta, loss_type, label_smoothing, chosen_lengths,
+                rejected_lengths, simpo_gamma):
+    """`dpo_loss` without its argument checks (the trainer checks its config once)."""
     eps = label_smoothing
     chosen_ratio = policy_chosen_logps - reference_chosen_logps  # log pi/pi_ref (y_w)
     rejected_ratio = policy_rejected_logps - reference_rejected_logps  # log pi/pi_ref (y_l)
     if loss_type in _NEEDS_LENGTHS:
-        if chosen_lengths is None or rejected_lengths is None:
-            raise ValueError(f"loss_type={loss_type!r} averages per token: pass chosen_lengths "
-                             "and rejected_lengths (response token counts).")
-        _check_lengths(chosen_lengths, rejected_lengths)
         if loss_type == "ipo":
             chosen_ratio = chosen_ratio / chosen_lengths
             rejected_ratio = rejected_ratio / rejected_lengths
@@ -213,9 +233,89 @@ def orpo_loss(
                        policy_rejected_logps=policy_rejected_logps,
                        chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths))
     _check_lengths(chosen_lengths, rejected_lengths)
+    if (policy_chosen_logps > 0).any() or (policy_rejected_logps > 0).any():
+        raise ValueError("ORPO needs log-probabilities, which are <= 0; a positive value (logits "
+                         "or probabilities passed by mistake?) would make log(1 - p) NaN.")
     chosen_avg = policy_chosen_logps / chosen_lengths  # log p_w, < 0
     rejected_avg = policy_rejected_logps / rejected_lengths  # log p_l
     log_odds = (chosen_avg - _log1m_exp(chosen_avg)) - (rejected_avg - _log1m_exp(rejected_avg))
     nll = -chosen_avg
     losses = nll - lambda_or * F.logsigmoid(log_odds)
     return losses, log_odds.detach(), nll.detach()
+
+
+@dataclass(frozen=True)
+class PreferenceLoss:
+    """One entry of the loss registry: how `train` turns a concatenated batch into losses.
+
+    `fn(policy_logps, reference_logps, lengths, beta, label_smoothing, simpo_gamma)` takes
+    (2B,) tensors (rows 0..B-1 chosen, B..2B-1 rejected; `reference_logps` is None when the
+    loss needs no reference) and returns per-pair losses (B,) and the chosen and rejected
+    rewards (B,) that the metrics report.
+    """
+
+    fn: Callable
+    needs_reference: bool
+    paper: str
+
+
+def _dpo_family(loss_type: str) -> Callable:
+    def fn(policy, reference, lengths, beta, label_smoothing, simpo_gamma):
+        b = policy.shape[0] // 2
+        if reference is None:  # simpo: no reference; its formula does not read these
+            reference = torch.zeros_like(policy)
+        return _dpo_losses(policy[:b], policy[b:], reference[:b], reference[b:], beta, loss_type,
+                           label_smoothing, lengths[:b], lengths[b:], simpo_gamma)
+    return fn
+
+
+def _kto_pairs(policy, reference, lengths, beta, label_smoothing, simpo_gamma):
+    """KTO on pairs: each chosen response is a desirable example, each rejected one not.
+
+    The reference point z0 is estimated from the batch's own 2B completions rather than from
+    mismatched (prompt, other completion) pairs as in the paper and TRL: one forward pass less,
+    at the price of a biased estimate. A pair's loss is the mean of its two examples' losses.
+    """
+    b = policy.shape[0] // 2
+    desirable = torch.arange(2 * b, device=policy.device) < b
+    losses, rewards, _ = kto_loss(policy, reference, desirable, policy, reference, beta=beta)
+    return (losses[:b] + losses[b:]) / 2, rewards[:b], rewards[b:]
+
+
+def _orpo_pairs(policy, reference, lengths, beta, label_smoothing, simpo_gamma):
+    """ORPO with beta as its odds-ratio weight lambda (as TRL's ORPOConfig does).
+
+    The rewards reported are beta times the per-token average log-likelihoods, as in TRL.
+    """
+    b = policy.shape[0] // 2
+    losses, _, _ = orpo_loss(policy[:b], policy[b:], lengths[:b], lengths[b:], lambda_or=beta)
+    average = (policy / lengths).detach()
+    return losses, beta * average[:b], beta * average[b:]
+
+
+LOSSES = {
+    "sigmoid": PreferenceLoss(_dpo_family("sigmoid"), True, "DPO, arXiv 2305.18290 (Eq 7)"),
+    "robust": PreferenceLoss(_dpo_family("robust"), True, "robust DPO, arXiv 2403.00409"),
+    "ipo": PreferenceLoss(_dpo_family("ipo"), True, "IPO, arXiv 2310.12036"),
+    "hinge": PreferenceLoss(_dpo_family("hinge"), True, "SLiC-HF, arXiv 2305.10425"),
+    "simpo": PreferenceLoss(_dpo_family("simpo"), False, "SimPO, arXiv 2405.14734"),
+    "unweighted": PreferenceLoss(_dpo_family("unweighted"), True,
+                                 "DPO's gradient without its weight (teaching only)"),
+    "kto": PreferenceLoss(_kto_pairs, True, "KTO, arXiv 2402.01306"),
+    "orpo": PreferenceLoss(_orpo_pairs, False, "ORPO, arXiv 2403.07691"),
+}
+
+
+def check_loss_settings(loss_type: str, beta: float, label_smoothing: float) -> None:
+    """Raise ValueError for an unknown loss or settings it cannot use (checked once, up front)."""
+    if loss_type not in LOSSES:
+        raise ValueError(f"unknown loss_type {loss_type!r}: use one of {', '.join(LOSSES)}.")
+    if not (beta > 0 and math.isfinite(beta)):
+        raise ValueError(f"beta must be a finite number > 0, got {beta}: beta is the KL "
+                         "weight (try 0.1).")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(
+            f"label_smoothing must be in [0, 0.5), got {label_smoothing}: it is the assumed "
+            "probability that a preference label is flipped (try 0.1).")
+    if label_smoothing and loss_type not in ("sigmoid", "robust"):
+        raise ValueError(f"label_smoothing applies to 'sigmoid' and 'robust', not {loss_type!r}.")

@@ -8,18 +8,16 @@ These are estimates: a measurement on the GPU is the final word (benchmarks/memo
 
 import torch
 
-from .models import lora_target_names
+from .models import ARCHITECTURES, Architecture, lora_target_names
 from .train import DTYPES
 
 GIB = 2**30
 T4_USABLE_GIB = 14.75  # a T4's 15 GiB as the CUDA allocator sees it, less what the driver keeps
 DTYPE_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
-# Per architecture: layer norms per block, and LoRA targets that read one and the same tensor
-# (phi-2's parallel block feeds the layer norm's output to q, k, v and fc1).
-_BLOCKS = {
-    "phi": {"norms": 1, "shared_inputs": ("q_proj", "k_proj", "v_proj", "fc1")},
-    "gpt2": {"norms": 2, "shared_inputs": ()},
-}
+# Bytes per token a norm keeps for its backward pass: its input in float32 (CUDA runs
+# layer_norm in float32 under autocast; RMSNorm casts to float32 in Python), plus float32
+# statistics: mean and 1/std for layer_norm, 1/rms for RMSNorm.
+_NORM_BYTES = {"layernorm": lambda h: 4 * h + 8, "rmsnorm": lambda h: 4 * h + 4}
 
 
 def _dtype(dtype) -> torch.dtype:
@@ -33,11 +31,26 @@ def _dtype(dtype) -> torch.dtype:
 
 
 def _dims(config) -> dict:
-    """Hidden size h, MLP width f, heads a, layers L and vocabulary V of a config."""
-    h = config.hidden_size
+    """Hidden size h, MLP width f, heads a, key/value width kv, layers L and vocabulary V."""
+    h, a = config.hidden_size, config.num_attention_heads
     f = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * h
-    return {"h": h, "f": f, "a": config.num_attention_heads, "L": config.num_hidden_layers,
-                "V": config.vocab_size}
+    head_dim = getattr(config, "head_dim", None) or h // a
+    kv = (getattr(config, "num_key_value_heads", None) or a) * head_dim
+    return {"h": h, "f": f, "a": a, "kv": kv, "L": config.num_hidden_layers,
+            "V": config.vocab_size}
+
+
+def _architecture(config, arch: Architecture | None) -> Architecture:
+    """`arch`, or the registry's entry for the config's family (else a ValueError)."""
+    if arch is not None:
+        return arch
+    if config.model_type not in ARCHITECTURES:
+        raise ValueError(
+            f"the memory planner knows {', '.join(ARCHITECTURES)}, not model_type "
+            f"{config.model_type!r}: pass arch=, an Architecture describing its blocks (e.g. "
+            "dpo_minimal.models.ARCHITECTURES['llama'] for a Llama-like family), or add an "
+            "entry for it to ARCHITECTURES.")
+    return ARCHITECTURES[config.model_type]
 
 
 def meta_model(config):
@@ -51,7 +64,7 @@ def meta_model(config):
 def lora_targets(model, target_modules: list[str] | None = None) -> list[tuple[str, int, int]]:
     """(name, in_features, out_features) of every module LoRA would wrap (peft's name match).
 
-    Default targets per architecture come from `dpo_minimal.models.LORA_TARGETS`. Handles
+    Default targets are the family's `Architecture.lora_targets`. Handles
     `nn.Linear` (weight (out, in)) and GPT-2's `Conv1D` (weight (in, out)).
     """
     from transformers.pytorch_utils import Conv1D
@@ -72,60 +85,82 @@ def lora_targets(model, target_modules: list[str] | None = None) -> list[tuple[s
 
 def activation_bytes_per_token(config, dtype, lora_r: int = 16, seq_len: int = 512,
                                attn_implementation: str = "sdpa", model=None,
-                               fused_gelu: bool = True) -> float:
+                               fused_gelu: bool = True, padded: bool = True,
+                               arch: Architecture | None = None) -> float:
     """Bytes that ONE decoder layer keeps per token for the backward pass (LoRA, frozen base).
 
-    With h = hidden size, f = MLP width, a = heads, r = LoRA rank, T = sequence length and
-    s = bytes of the compute dtype, a phi-2 or GPT-2 block keeps:
+    With h = hidden size, f = MLP width, a = heads, kv = key/value width (h without grouped-query
+    attention), r = LoRA rank, T = sequence length and s = bytes of the compute dtype, a block
+    keeps (the family's `Architecture` says which MLP and norms it has):
 
-    - its layer-norm inputs, n_norm * h: 4 bytes each under fp16/bf16 autocast, where CUDA runs
-      layer_norm in float32 (phi-2 has one norm per block, GPT-2 two);
+    - each norm's input in float32, 4h, and its float32 statistics: 8 bytes for layer_norm (mean
+      and 1/std; CUDA runs it in float32 under autocast), 4 for RMSNorm (1/rms; it casts to
+      float32 itself). phi-2 has one norm per block, GPT-2 and Llama two;
     - each LoRA target's input, for the gradient of A: the sum of d_in over the targets, s bytes
-      each (phi: q, k, v, dense, fc1 = 5h and fc2 = f; GPT-2: c_attn, c_proj, c_fc = 3h and the
-      MLP's c_proj = f). Under autocast peft casts the input to the adapter's float32 and
-      autocast casts it back, so each target keeps its own copy; in float32, targets that read
-      one tensor (phi's q, k, v and fc1 read the layer norm's output) share it;
+      each. Under autocast peft casts the input to the adapter's float32 and autocast casts it
+      back, so each target keeps its own copy. In float32 targets that read one tensor share it
+      (`Architecture.shared_inputs`: phi's q, k, v, fc1; Llama's q, k, v and its gate, up), and
+      with sdpa the output projection reads the very tensor sdpa keeps as its output;
     - the rank-r output of each A, for the gradient of B: r per target;
-    - attention: q, k, v and the output, 4h; sdpa (flash or memory-efficient kernels) adds a
-      float32 log-sum-exp per head (4a bytes), while eager keeps the T x T weights, in float32
-      after the softmax and in the compute dtype for the product with v: a * T * (4 + s) bytes;
-    - the MLP's tanh GELU ("gelu_new" in both models): run fused, as `dpo_minimal.train` does
-      by default (`models.fused_gelu`), it keeps only its input, f; written as transformers'
-      elementwise ops (`fused_gelu=False`, what TRL runs) it keeps 4f: its input, x/2, tanh and
-      1 + tanh. fc2's input is counted with the LoRA inputs.
+    - attention, sdpa (flash or memory-efficient kernels): q, k, v and the output, s (2h + 2kv),
+      and a float32 log-sum-exp per head, 4a. With `padded` (DPO batches are: chosen and
+      rejected differ in length) transformers passes a (T, T) mask, which sdpa converts to the
+      compute dtype in every layer and keeps, T s; and it repeats k and v to every head before
+      sdpa, so they are h wide, not kv. Eager: q, k and v repeated to every head, 3h s, and the
+      T x T weights, float32 after the softmax plus, under autocast, their copy in the compute
+      dtype for the product with v: a T (4 + s) bytes (a T 4 in float32);
+    - the MLP. "gelu" (GPT-2, phi-2): transformers' tanh GELU ("gelu_new") run fused, as
+      `dpo_minimal.train` does by default (`models.fused_gelu`), keeps only its input, f;
+      written as elementwise ops (`fused_gelu=False`, what TRL runs) it keeps 4f: its input,
+      x/2, tanh and 1 + tanh. "swiglu" (Llama): down(silu(gate(x)) * up(x)) keeps 3f: the gate's
+      output (the SiLU's input), the SiLU's output and up's output, both factors of the product.
+      The input of fc2 / down_proj is counted with the LoRA inputs.
 
     The frozen base weights need no saved inputs (the input's gradient needs only the weight),
-    and dropout is off in DPO training (as in TRL), so no masks are kept. For phi-2 in fp16:
-    4h + s * (10h + 2f + 6r) + 4a, about 97 kB per token per layer fused, and
-    4h + s * (10h + 5f + 6r) + 4a, about 159 kB, unfused. For full fine-tuning (lora_r=0) the
-    same inputs are kept, now for the weight gradients.
+    and dropout is off in DPO training (as in TRL), so no masks are kept. For phi-2 in fp16
+    (T = 512, padded): 4h + 8 + s * (9h + 2f + 6r + T) + 4a, about 99 kB per token per layer
+    fused, and 4h + 8 + s * (9h + 5f + 6r + T) + 4a, about 160 kB, unfused. For Llama
+    (SmolLM2-135M: h = 576, f = 1536, a = 9, kv = 192, 30 layers) in bf16, padded:
+    2 (4h + 4) + s * (6h + f + 7r + 4h + T + 3f) + 4a, about 30 kB per token per layer
+    (kv instead of h for k and v, and no T term, if the batch has no padding). For full
+    fine-tuning (lora_r=0) the same inputs are kept, now for the weight gradients.
+    `arch` describes an unregistered family (default: its `ARCHITECTURES` entry).
     """
     dtype = _dtype(dtype)
     s = DTYPE_BYTES[dtype]
     d = _dims(config)
+    arch = _architecture(config, arch)
     model = meta_model(config) if model is None else model
-    block = _BLOCKS.get(config.model_type, {"norms": 2, "shared_inputs": ()})
-    targets = lora_targets(model)
+    targets = lora_targets(model, arch.lora_targets)
     inputs = sum(d_in for _, d_in, _ in targets)
     if dtype == torch.float32:  # no casts: targets reading one tensor keep it once per layer
-        shared = [d_in for name, d_in, _ in targets
-                  if name.split(".")[-1] in block["shared_inputs"]]
-        inputs -= sum(shared) - (sum(shared) // len(block["shared_inputs"]) if shared else 0)
-    per_token = block["norms"] * d["h"] * (s if dtype == torch.float32 else 4)  # norm inputs
+        for group in arch.shared_inputs:
+            shared = [d_in for name, d_in, _ in targets if name.split(".")[-1] in group]
+            inputs -= sum(shared) - sum(shared) // len(group)
+        if attn_implementation == "sdpa":  # the output projection's input is sdpa's output
+            inputs -= sum(d_in for name, d_in, _ in targets
+                          if name.endswith("." + arch.attn_out_proj))
+    per_token = arch.norms_per_block * _NORM_BYTES[arch.norm](d["h"])
     per_token += s * (inputs + lora_r * len(targets)) / d["L"]  # LoRA inputs and A outputs
-    per_token += s * 4 * d["h"]  # q, k, v and the attention output
     if attn_implementation == "eager":
-        per_token += d["a"] * seq_len * (4 + s)  # softmax weights: float32 and compute dtype
+        per_token += s * 3 * d["h"]  # q, and k and v repeated to every head
+        per_token += d["a"] * seq_len * (4 if dtype == torch.float32 else 4 + s)  # weights
     else:
-        per_token += 4 * d["a"]  # sdpa's float32 log-sum-exp
-    per_token += s * (1 if fused_gelu else 4) * d["f"]  # the GELU's input (+ 3 temporaries)
+        kv = d["h"] if padded else d["kv"]  # with a mask, k and v are repeated to every head
+        per_token += s * (2 * d["h"] + 2 * kv) + 4 * d["a"]  # q, k, v, output; log-sum-exp
+        per_token += s * seq_len if padded else 0  # the mask, in the compute dtype
+    if arch.mlp == "swiglu":
+        per_token += s * 3 * d["f"]  # gate's output (SiLU's input), SiLU's output, up's output
+    else:
+        per_token += s * (1 if fused_gelu else 4) * d["f"]  # the GELU's input (+ 3 temporaries)
     return float(per_token)
 
 
 def plan_memory(config, *, batch_pairs: int, seq_len: int, dtype, lora_r: int = 16,
                 gradient_checkpointing: bool = True, response_fraction: float = 1.0,
                 attn_implementation: str = "sdpa", cuda_context_gib: float = 0.5,
-                fused_gelu: bool = True) -> dict:
+                fused_gelu: bool = True, padded: bool = True,
+                arch: Architecture | None = None) -> dict:
     """Estimate the peak GPU memory (GiB) of one DPO training step with LoRA.
 
     Args:
@@ -142,6 +177,11 @@ def plan_memory(config, *, batch_pairs: int, seq_len: int, dtype, lora_r: int = 
         cuda_context_gib: allowance for the CUDA context, cuBLAS workspace and fragmentation.
         fused_gelu: the MLP's tanh GELU runs as one kernel (`dpo_minimal.train`'s default);
             False counts transformers' elementwise version, as TRL and a plain Trainer run it.
+            (SwiGLU families have no GELU: ignored.)
+        padded: the batches are padded (DPO's are), so attention gets a mask; with grouped-query
+            attention False counts k and v at their own width (`activation_bytes_per_token`).
+        arch: an `Architecture` for a family that has no `ARCHITECTURES` entry (default: the
+            config's entry; an unregistered family raises ValueError).
 
     Returns a dict of GiB:
         weights: every parameter in `dtype` (fp16: 2 bytes each, so phi-2 is 5.18 GiB);
@@ -161,8 +201,14 @@ def plan_memory(config, *, batch_pairs: int, seq_len: int, dtype, lora_r: int = 
     policy's). Full fine-tuning in `dpo_minimal.train` caches them before training instead.
     """
     dtype = _dtype(dtype)
+    for name, value in (("batch_pairs", batch_pairs), ("seq_len", seq_len), ("lora_r", lora_r)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__}).")
     if batch_pairs < 1 or seq_len < 1 or lora_r < 0:
-        raise ValueError("batch_pairs and seq_len must be >= 1 and lora_r >= 0.")
+        raise ValueError(f"batch_pairs and seq_len must be >= 1 and lora_r >= 0, got "
+                         f"{batch_pairs}, {seq_len} and {lora_r}.")
+    if not cuda_context_gib >= 0:
+        raise ValueError(f"cuda_context_gib must be >= 0, got {cuda_context_gib}.")
     if not 0.0 <= response_fraction <= 1.0:
         raise ValueError(f"response_fraction must be in [0, 1], got {response_fraction}.")
     if attn_implementation not in ("sdpa", "eager"):
@@ -170,17 +216,20 @@ def plan_memory(config, *, batch_pairs: int, seq_len: int, dtype, lora_r: int = 
                          f"{attn_implementation!r}.")
     s = DTYPE_BYTES[dtype]
     d = _dims(config)
+    arch = _architecture(config, arch)
     model = meta_model(config)
     n_params = sum(p.numel() for p in model.parameters())
     if lora_r > 0:
-        n_train = sum(lora_r * (d_in + d_out) for _, d_in, d_out in lora_targets(model))
+        targets = lora_targets(model, arch.lora_targets)
+        n_train = sum(lora_r * (d_in + d_out) for _, d_in, d_out in targets)
         weights, adapter = n_params * s, n_train * 4
     else:  # full fine-tuning: the float32 master weights ARE the trained parameters
         n_train = n_params
         weights, adapter = n_params * 4, 0
     tokens = 2 * batch_pairs * seq_len
     per_layer = activation_bytes_per_token(config, dtype, lora_r, seq_len, attn_implementation,
-                                           model=model, fused_gelu=fused_gelu)
+                                           model=model, fused_gelu=fused_gelu, padded=padded,
+                                           arch=arch)
     no_ckpt = d["L"] * tokens * per_layer
     ckpt = d["L"] * tokens * d["h"] * s + tokens * per_layer
     response_rows = 2 * batch_pairs * (seq_len - 1) * response_fraction

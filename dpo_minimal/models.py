@@ -1,6 +1,12 @@
-"""Models: tiny offline versions of the real architectures, the from_pretrained path, LoRA."""
+"""Models: tiny offline versions of the real architectures, the from_pretrained path, LoRA.
 
+What the library knows about a model family lives in one place, `ARCHITECTURES`; adding a family
+is one `Architecture` entry.
+"""
+
+from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -9,21 +15,113 @@ from transformers import (
     AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
     PhiConfig,
     PhiForCausalLM,
+    PreTrainedConfig,
     PreTrainedTokenizerFast,
 )
 
 TOKENIZER_FILE = Path(__file__).parent / "tokenizer" / "tokenizer.json"
-# The shipped pretrained tiny GPT-2 (scripts/pretrain.py, see its RECIPE.md).
-PRETRAINED_DIR = Path(__file__).parent / "pretrained" / "gpt2"
+# The shipped pretrained tiny models, one folder per arch (scripts/pretrain.py).
+PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 EOS = "<|endoftext|>"
-# Where LoRA goes by default. GPT-2's attention and MLP are Conv1D (weights stored transposed),
-# so peft needs fan_in_fan_out=True; its lm_head is tied to the embeddings, so it gets none.
-LORA_TARGETS = {
-    "gpt2": ["c_attn", "c_proj", "c_fc"],
-    "phi": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What dpo_minimal knows about one transformers model family (one `config.model_type`).
+
+    model_class: the transformers causal-LM class.
+    tiny_config: token ids (vocab_size, bos/eos/pad_token_id) -> the config of `tiny_model`.
+    lora_targets: the modules LoRA wraps by default (peft's target_modules).
+    fan_in_fan_out: the targets store their weight as (in, out), like GPT-2's Conv1D.
+    plain_head: the logits are exactly lm_head(last hidden state), no scaling or soft-capping,
+        so a trainer may apply the head at the response positions only.
+    For the memory planner (`dpo_minimal.memory`):
+    mlp: "gelu" (fc1 -> tanh GELU -> fc2) or "swiglu" (down(silu(gate(x)) * up(x))).
+    norm, norms_per_block: "layernorm" or "rmsnorm", and how many a decoder block has.
+    shared_inputs: groups of LoRA targets that read one and the same tensor (a norm's output).
+    attn_out_proj: the attention's output projection, as the end of its module name.
+    """
+
+    model_class: type
+    tiny_config: Callable[[dict], PreTrainedConfig]
+    lora_targets: tuple[str, ...]
+    fan_in_fan_out: bool
+    plain_head: bool
+    mlp: str
+    norm: str
+    norms_per_block: int
+    shared_inputs: tuple[tuple[str, ...], ...]
+    attn_out_proj: str
+
+
+ARCHITECTURES = {  # keyed by transformers' config.model_type
+    # GPT-2's attention and MLP are Conv1D (weights stored transposed); its lm_head is tied to
+    # the embeddings, so LoRA leaves it alone.
+    "gpt2": Architecture(
+        GPT2LMHeadModel,
+        lambda ids: GPT2Config(n_embd=128, n_layer=4, n_head=4, n_positions=512, **ids),
+        lora_targets=("c_attn", "c_proj", "c_fc"), fan_in_fan_out=True, plain_head=True,
+        mlp="gelu", norm="layernorm", norms_per_block=2, shared_inputs=(),
+        attn_out_proj="attn.c_proj"),
+    # phi-2: a parallel block (one norm feeds attention and MLP), partial rotary, untied head.
+    "phi": Architecture(
+        PhiForCausalLM,
+        lambda ids: PhiConfig(
+            hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+            max_position_embeddings=512, partial_rotary_factor=0.4, tie_word_embeddings=False,
+            **ids),
+        lora_targets=("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"),
+        fan_in_fan_out=False, plain_head=True, mlp="gelu", norm="layernorm", norms_per_block=1,
+        shared_inputs=(("q_proj", "k_proj", "v_proj", "fc1"),), attn_out_proj="self_attn.dense"),
+    # Llama (SmolLM2 and many small modern models): SwiGLU, RMSNorm, grouped-query attention.
+    "llama": Architecture(
+        LlamaForCausalLM,
+        lambda ids: LlamaConfig(
+            hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, **ids),
+        lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                      "down_proj"),
+        fan_in_fan_out=False, plain_head=True, mlp="swiglu", norm="rmsnorm", norms_per_block=2,
+        shared_inputs=(("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")),
+        attn_out_proj="self_attn.o_proj"),
 }
+
+
+def model_type(model_or_config) -> str:
+    """`config.model_type` of a model (peft-wrapped too: its base model's), a config or a str."""
+    if hasattr(model_or_config, "get_base_model"):  # a peft model
+        model_or_config = model_or_config.get_base_model()
+    if isinstance(model_or_config, str):
+        return model_or_config
+    return getattr(model_or_config, "config", model_or_config).model_type
+
+
+def architecture(model_or_config) -> Architecture:
+    """The `ARCHITECTURES` entry of a model (peft-wrapped too), a config, or a model_type.
+
+    Raises ValueError for a family that has no entry, naming the known ones.
+    """
+    name = model_type(model_or_config)
+    if name not in ARCHITECTURES:
+        raise ValueError(
+            f"model_type {name!r} has no entry in dpo_minimal.models.ARCHITECTURES (known: "
+            f"{', '.join(ARCHITECTURES)}): add an Architecture entry for it (model class, tiny "
+            "config, LoRA targets, head, MLP and norms).")
+    return ARCHITECTURES[name]
+
+
+def has_plain_head(model) -> bool:
+    """True if the model's family is registered with `plain_head` (logits = lm_head(hidden)).
+
+    False for an unregistered family: the caller then runs the model's own forward, which is
+    always right, only slower.
+    """
+    name = model_type(model)
+    return name in ARCHITECTURES and ARCHITECTURES[name].plain_head
 
 
 class TanhGELU(torch.nn.Module):
@@ -62,60 +160,58 @@ def fused_gelu(model):
 def course_tokenizer() -> PreTrainedTokenizerFast:
     """The shipped byte-level BPE tokenizer (scripts/train_tokenizer.py rebuilds it).
 
-    `<|endoftext|>` is its bos, eos and pad token, as in GPT-2 and phi-2.
+    `<|endoftext|>` is its bos, eos and pad token, as in GPT-2 and phi-2. Its chat template
+    (tokenizer/chat_template.jinja) writes one "Role: content" line per message and ends a
+    generation prompt with "Assistant:".
     """
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_file=str(TOKENIZER_FILE), bos_token=EOS, eos_token=EOS, pad_token=EOS
     )
+    tokenizer.chat_template = (TOKENIZER_FILE.parent / "chat_template.jinja").read_text()
+    return tokenizer
 
 
 def tiny_model(arch: str = "gpt2", seed: int = 0, pretrained: bool = False):
     """A randomly initialised small model of a real architecture, with the course tokenizer.
 
-    arch "gpt2" gives a `GPT2LMHeadModel`, "phi" a `PhiForCausalLM` (partial rotary, untied
-    lm_head with bias, like phi-2). Both have 4 layers of width 128 and run in seconds on CPU.
+    arch is a key of `ARCHITECTURES`: "gpt2" gives a `GPT2LMHeadModel`, "phi" a
+    `PhiForCausalLM` (partial rotary, untied lm_head with bias, like phi-2), "llama" a
+    `LlamaForCausalLM` (SwiGLU, RMSNorm, 2 key/value heads for 4 query heads, tied head, like
+    SmolLM2). All have 4 layers of width 128 and run in seconds on CPU.
     `pretrained=True` (gpt2 only; `seed` unused) loads instead the shipped GPT-2 trained on the
-    task world's SFT corpus (PRETRAINED_DIR, float32). Returns (model, tokenizer); the model is
-    in eval mode.
+    course's task world (pretrained/gpt2/, float32; scripts/pretrain.py and its RECIPE.md).
+    Returns (model, tokenizer); the model is in eval mode.
     """
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown arch {arch!r}: use one of {', '.join(ARCHITECTURES)}.")
     tokenizer = course_tokenizer()
     if pretrained:
-        if arch != "gpt2":
+        if not (PRETRAINED_DIR / arch).is_dir():
             raise ValueError(f"no pretrained weights ship for arch {arch!r}: use 'gpt2', or "
                              "pretrained=False for a randomly initialised model.")
-        model = GPT2LMHeadModel.from_pretrained(PRETRAINED_DIR, dtype=torch.float32).eval()
+        model_class = ARCHITECTURES[arch].model_class
+        model = model_class.from_pretrained(PRETRAINED_DIR / arch, dtype=torch.float32).eval()
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         return model, tokenizer
-    ids = dict(
+    config = ARCHITECTURES[arch].tiny_config(dict(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-    )
-    if arch == "gpt2":
-        config = GPT2Config(n_embd=128, n_layer=4, n_head=4, n_positions=512, **ids)
-        model_class = GPT2LMHeadModel
-    elif arch == "phi":
-        config = PhiConfig(
-            hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-            max_position_embeddings=512, partial_rotary_factor=0.4, tie_word_embeddings=False,
-            **ids,
-        )
-        model_class = PhiForCausalLM
-    else:
-        raise ValueError(f"unknown arch {arch!r}: use 'gpt2' or 'phi'.")
+    ))
     torch.manual_seed(seed)
-    model = model_class(config).eval()
+    model = ARCHITECTURES[arch].model_class(config).eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 
 
 def load_model(name: str, dtype: torch.dtype | None = None, device: str | None = None,
                attn_implementation: str = "sdpa"):
-    """`from_pretrained` for "gpt2", "microsoft/phi-2" or a local directory.
+    """`from_pretrained` for "gpt2", "microsoft/phi-2", a local directory, or a modern instruct
+    model of the Llama family such as "HuggingFaceTB/SmolLM2-135M-Instruct".
 
     Sets the pad token to EOS when the tokenizer has none (GPT-2 and phi-2 have none). Never
-    uses trust_remote_code: phi-2 is native in transformers. Keep sdpa attention in fp16;
+    uses trust_remote_code: all three are native in transformers. Keep sdpa attention in fp16;
     phi-2's eager attention overflows there. Returns (model, tokenizer), the model in eval mode.
     """
     if dtype == torch.float16 and attn_implementation == "eager":
@@ -134,32 +230,42 @@ def load_model(name: str, dtype: torch.dtype | None = None, device: str | None =
 
 
 def lora_target_names(model, target_modules: list[str] | None = None) -> list[str]:
-    """`target_modules`, or the architecture's defaults from LORA_TARGETS (else ValueError)."""
+    """`target_modules`, or the default LoRA targets of the model's family in `ARCHITECTURES`."""
     if target_modules is not None:
-        return target_modules
-    arch = model.config.model_type
-    if arch not in LORA_TARGETS:
-        raise ValueError(f"no default LoRA targets for model_type {arch!r}: pass "
-                         "target_modules, e.g. the names of its attention projections.")
-    return LORA_TARGETS[arch]
+        return list(target_modules)
+    if model_type(model) not in ARCHITECTURES:
+        raise ValueError(
+            f"no default LoRA targets for model_type {model_type(model)!r} (known: "
+            f"{', '.join(ARCHITECTURES)}): pass target_modules, e.g. the names of its attention "
+            "and MLP projections, or add an Architecture entry to ARCHITECTURES.")
+    return list(ARCHITECTURES[model_type(model)].lora_targets)
 
 
 def add_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.05,
              target_modules: list[str] | None = None):
     """Wrap `model` in a peft LoRA adapter; the base weights are frozen.
 
-    Default targets per architecture: GPT-2 c_attn, c_proj, c_fc (Conv1D, fan_in_fan_out);
-    phi q_proj, k_proj, v_proj, dense, fc1, fc2. LoRA's B starts at zero, so the wrapped model
-    computes exactly what the base model does until it is trained.
+    Default targets are the family's `Architecture.lora_targets`: GPT-2 c_attn, c_proj, c_fc
+    (Conv1D, fan_in_fan_out); phi q_proj, k_proj, v_proj, dense, fc1, fc2; Llama q_proj,
+    k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj. An unregistered family needs
+    `target_modules`. LoRA's B starts at zero, so the wrapped model computes exactly what the
+    base model does until it is trained.
     """
     from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
 
+    targets = lora_target_names(model, target_modules)
+    if model_type(model) in ARCHITECTURES:
+        fan_in_fan_out = ARCHITECTURES[model_type(model)].fan_in_fan_out
+    else:  # an unregistered family: Conv1D layers store their weight as (in, out)
+        fan_in_fan_out = any(isinstance(module, Conv1D) for name, module in model.named_modules()
+                             if name.split(".")[-1] in targets)
     config = LoraConfig(
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
-        target_modules=lora_target_names(model, target_modules),
-        fan_in_fan_out=model.config.model_type == "gpt2",
+        target_modules=targets,
+        fan_in_fan_out=fan_in_fan_out,
         bias="none",
         task_type="CAUSAL_LM",
     )

@@ -1,23 +1,30 @@
-"""DPO training and evaluation for a (LoRA) causal LM: one loop, TRL's metric names."""
+"""DPO training and evaluation for a (LoRA) causal LM: one short loop, TRL's metric names.
+
+The step the course is about is public: `batch_logps` (one forward over chosen + rejected rows),
+a `Reference` for the log-probs of pi_ref, and `preference_step` (the loss and its metrics).
+"""
 
 import json
 import math
 import resource
+import shutil
 import sys
 import time
-from contextlib import ExitStack, nullcontext
-from dataclasses import asdict, dataclass
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
+from torch.utils.data import BatchSampler, RandomSampler
 from tqdm.auto import tqdm
 
-from .data import check_pad_token, collate_pairs, tokenize_preferences
-from .logprobs import response_logps
-from .losses import LOSS_TYPES, dpo_loss
+from .adapters import save_adapter
+from .data import check_pad_token, collate_pairs, load_preferences, tokenize_preferences
+from .logprobs import DTYPES, _is_peft, batch_logps
+from .losses import LOSSES, check_loss_settings
 from .models import fused_gelu
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 
 
 @dataclass
@@ -31,7 +38,7 @@ class TrainConfig:
     max_length: int = 256
     max_prompt_length: int = 128
     max_steps: int = 100  # optimiser steps
-    loss_type: str = "sigmoid"
+    loss_type: str = "sigmoid"  # a key of dpo_minimal.losses.LOSSES
     label_smoothing: float = 0.0
     simpo_gamma: float = 0.5
     seed: int = 0
@@ -39,7 +46,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     warmup_steps: int = 0
     lr_scheduler: str = "cosine"  # cosine | linear | constant, after a linear warmup
-    max_grad_norm: float = 1.0
+    max_grad_norm: float | None = 1.0  # None: no clipping
     weight_decay: float = 0.0
     eval_every: int = 0  # evaluate on eval_data every N steps (0: only at the end)
     eval_batch_size: int = 8
@@ -47,21 +54,73 @@ class TrainConfig:
     progress: bool = True
     fused_gelu: bool = True  # run gelu_new as one kernel (models.fused_gelu): faster, less memory
     cache_reference: bool = True  # keep each pair's reference log-probs after their first pass
+    drop_overlong: bool = False  # drop pairs whose prompt fills max_length (else raise)
+
+    output_dir: str | None = None  # where checkpoint-{step}/ folders go
+    save_steps: int = 0  # save a checkpoint every N steps and at the end (0: never)
+    save_total_limit: int | None = None  # keep only the newest K checkpoints
 
     def __post_init__(self):
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"unknown loss_type {self.loss_type!r}: use one of "
-                             f"{', '.join(LOSS_TYPES)}.")
+        for field in fields(self):
+            _check_type(field.name, getattr(self, field.name), _FIELD_TYPES[field.type])
+        check_loss_settings(self.loss_type, self.beta, self.label_smoothing)
+        if not math.isfinite(self.beta):
+            raise ValueError(f"beta must be a finite number > 0, got {self.beta} (try 0.1).")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
-        if self.lr_scheduler not in ("cosine", "linear", "constant"):
-            raise ValueError(f"lr_scheduler must be cosine, linear or constant, got "
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ValueError(f"device={self.device!r} is not a device: use 'cpu', 'cuda', "
+                                 "'cuda:1', 'mps' or None (the model's device).") from None
+        if self.lr_scheduler not in SCHEDULERS:
+            raise ValueError(f"lr_scheduler must be one of {', '.join(SCHEDULERS)}, got "
                              f"{self.lr_scheduler!r}.")
-        for name in ("batch_size", "gradient_accumulation_steps", "max_steps", "max_length"):
+        for name in ("batch_size", "gradient_accumulation_steps", "max_steps", "max_length",
+                     "max_prompt_length", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
-        if not self.beta > 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}.")
+        for name in ("warmup_steps", "eval_every", "save_steps", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"learning_rate must be a finite number > 0, got "
+                             f"{self.learning_rate} (LoRA: try 5e-4; full fine-tuning: 1e-6).")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}: 0 would "
+                             "zero every gradient and a negative norm reverses them; use None "
+                             "for no clipping (1.0 is the usual value).")
+        if not 0 <= self.weight_decay < 1 or not 0 <= self.simpo_gamma < 1e3:
+            raise ValueError(f"weight_decay must be in [0, 1) and simpo_gamma >= 0, got "
+                             f"{self.weight_decay} and {self.simpo_gamma}.")
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be below "
+                             f"max_length ({self.max_length}), or no response token is left; "
+                             "lower max_prompt_length or raise max_length.")
+        if self.warmup_steps > self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds max_steps "
+                             f"({self.max_steps}): the learning rate would never reach its "
+                             "value; lower warmup_steps.")
+        if self.save_steps and self.output_dir is None:
+            raise ValueError(f"save_steps={self.save_steps} needs output_dir, the folder where "
+                             "checkpoint-{step}/ is written: set output_dir or save_steps=0.")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ValueError(f"save_total_limit must be >= 1 or None (keep all), got "
+                             f"{self.save_total_limit}.")
+
+
+# The type each TrainConfig annotation demands (bool is not accepted as an int or float).
+_FIELD_TYPES = {float: (float, int), int: (int,), str: (str,), bool: (bool,),
+                str | None: (str, type(None)), int | None: (int, type(None)),
+                float | None: (float, int, type(None))}
+
+
+def _check_type(name: str, value, types: tuple) -> None:
+    if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
+        wanted = " or ".join(t.__name__ for t in types).replace("NoneType", "None")
+        raise ValueError(f"TrainConfig.{name} must be {wanted}, got {value!r} "
+                         f"({type(value).__name__}).")
 
 
 class History(list):
@@ -86,10 +145,6 @@ class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss."""
 
 
-def _is_peft(model) -> bool:
-    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
-
-
 def disable_dropout(model) -> None:
     """Set every dropout probability to 0 (in place), as TRL does for DPO.
 
@@ -101,114 +156,75 @@ def disable_dropout(model) -> None:
             module.p = 0.0
 
 
-def _autocast(device: torch.device, dtype: str):
-    if dtype == "float32":
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
+class Reference:
+    """Where pi_ref's log-probs come from. One of three:
 
-
-# Architectures whose logits are exactly lm_head(last hidden state): no scaling or soft-capping.
-_PLAIN_HEADS = ("gpt2", "phi")
-
-
-def _response_logits(model, input_ids, attention_mask, mask) -> torch.Tensor:
-    """(N, V) logits at the N positions where `mask` (B, T-1) is set, i.e. `logits[:, :-1][mask]`.
-
-    For GPT-2 and phi (with or without LoRA) the LM head is applied to those positions only: the
-    (B, T, V) logits, the largest activation of a small model, are never built, nor their
-    gradient. Other architectures go through the model's own forward.
+    - `Reference()`: the policy itself with its peft adapter disabled (no second copy);
+    - `Reference(model=ref_model)`: a separate frozen model;
+    - either of those with `cache=torch.full((n_pairs, 2), nan)`: each pair's chosen and
+      rejected log-probs are kept after their first pass, so later epochs skip the reference
+      forward; `Reference.frozen(...)` fills the cache from a model up front.
+    A cache answers a batch when it holds every pair of it; that is valid because the
+    reference never changes (a recomputation in a differently padded batch would differ only
+    by float rounding).
     """
-    base = model.get_base_model() if _is_peft(model) else model
-    plain = base.config.model_type in _PLAIN_HEADS and (
-        not _is_peft(model) or all(c.peft_type == "LORA" for c in model.peft_config.values()))
-    if not plain:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        return logits[:, :-1][mask]
-    body = getattr(base, base.base_model_prefix)  # GPT2Model / PhiModel, LoRA layers inside
-    hidden = body(input_ids=input_ids, attention_mask=attention_mask,
-                  use_cache=False).last_hidden_state
-    return base.get_output_embeddings()(hidden[:, :-1][mask])
 
+    def __init__(self, model=None, cache: torch.Tensor | None = None):
+        self.model, self.cache = model, cache
 
-def _forward_logps(model, batch: dict, config: TrainConfig, device, with_entropy=False):
-    """One concatenated forward over chosen+rejected rows -> (2B,) summed response log-probs."""
-    input_ids = batch["input_ids"].to(device)
-    mask = batch["loss_mask"].to(device)[:, 1:].bool()
-    with _autocast(device, config.dtype):
-        picked = _response_logits(model, input_ids, batch["attention_mask"].to(device), mask)
-    logps = response_logps(picked, input_ids[:, 1:][mask], mask)  # = sequence_logps
-    if not with_entropy:
-        return logps, None
-    picked = picked.float().log_softmax(-1)
-    entropy = -(picked.exp() * picked).sum(-1).mean()  # mean next-token entropy, nats
-    return logps, entropy
+    @classmethod
+    @torch.no_grad()
+    def frozen(cls, model, tokenizer, pairs: list[dict], batch_size: int, dtype: str):
+        """A cache of `model`'s log-probs now, for every pair: full fine-tuning's reference."""
+        was_training = model.training
+        model.eval()
+        reference = cls(cache=torch.zeros(len(pairs), 2))
+        for chunk in _in_order(pairs, batch_size):
+            batch = _collate(chunk, tokenizer)
+            reference._store(batch, batch_logps(model, batch, dtype))
+        model.train(was_training)
+        return reference
 
-
-def _reference_logps(model, batch, chunk, config, device, reference):
-    """(2B,) reference log-probs of the chunk's pairs.
-
-    `reference` is None (the peft model with its adapter disabled), a reference model, or an
-    (N, 2) cache of chosen/rejected log-probs indexed by pair. A cache answers when it holds every
-    pair of the chunk; NaN rows are computed with the disabled adapter and filled in. That is
-    valid because the reference never changes; a recomputation in a batch padded differently
-    would differ only by float rounding.
-    """
-    cache = reference if isinstance(reference, torch.Tensor) else None
-    if cache is not None:
-        cached = cache[_pair_index(chunk)]
-        if not cached.isnan().any():
-            return torch.cat([cached[:, 0], cached[:, 1]]).to(device)
-    with torch.no_grad():
-        if reference is not None and cache is None:
-            return _forward_logps(reference, batch, config, device)[0]
-        if not _is_peft(model):
+    @torch.no_grad()
+    def logps(self, policy, batch: dict, dtype: str = "float32") -> torch.Tensor:
+        """(2B,) log pi_ref of the batch's rows, on the policy's device."""
+        if self.cache is not None:
+            cached = self.cache[batch["index"]]
+            if not cached.isnan().any():
+                device = next(policy.parameters()).device
+                return torch.cat([cached[:, 0], cached[:, 1]]).to(device)
+        if self.model is not None:
+            logps = batch_logps(self.model, batch, dtype)
+        elif _is_peft(policy):
+            with policy.disable_adapter():
+                logps = batch_logps(policy, batch, dtype)
+        else:
             raise ValueError("no reference: pass a peft model (its adapter is disabled for the "
-                             "reference) or a reference_model.")
-        with model.disable_adapter():
-            logps = _forward_logps(model, batch, config, device)[0]
-    if cache is not None:
-        _store(cache, chunk, logps)
-    return logps
+                             "reference), a reference model, or a frozen cache.")
+        if self.cache is not None:
+            self._store(batch, logps)
+        return logps
+
+    def _store(self, batch: dict, logps: torch.Tensor) -> None:
+        b = len(batch["index"])
+        self.cache[batch["index"]] = torch.stack([logps[:b], logps[b:]], 1).float().cpu()
 
 
-def _pair_index(chunk: list[dict]) -> torch.Tensor:
-    """The data-set rows of a chunk's pairs (set by `_tokenize`)."""
-    return torch.tensor([p["index"] for p in chunk])
+def preference_step(policy_logps: torch.Tensor, reference_logps: torch.Tensor | None,
+                    batch: dict, config: TrainConfig) -> tuple[torch.Tensor, dict]:
+    """One step of the objective: per-pair losses (B,) and the batch's metric sums.
 
-
-def _store(cache: torch.Tensor, chunk: list[dict], logps: torch.Tensor) -> None:
-    """Write a chunk's (2B,) chosen-then-rejected log-probs into its rows of an (N, 2) cache."""
-    b = len(chunk)
-    cache[_pair_index(chunk)] = torch.stack([logps[:b], logps[b:]], dim=1).float().cpu()
-
-
-def _tokenize(data, tokenizer, config: TrainConfig) -> list[dict]:
-    pairs = tokenize_preferences(data, tokenizer, config.max_length, config.max_prompt_length)
-    return [{**pair, "index": i} for i, pair in enumerate(pairs)]
-
-
-@torch.no_grad()
-def _cache_reference(model, tokenizer, pairs, config, device) -> torch.Tensor:
-    """(N, 2) chosen/rejected log-probs of the model as it is now: a frozen reference."""
-    was_training = model.training
-    model.eval()
-    cache = torch.zeros(len(pairs), 2)
-    for chunk in _batches(pairs, config.eval_batch_size):
-        batch = collate_pairs(chunk, tokenizer.pad_token_id)
-        _store(cache, chunk, _forward_logps(model, batch, config, device)[0])
-    model.train(was_training)
-    return cache
-
-
-def _pair_metrics(policy_logps, reference_logps, batch, config) -> tuple[torch.Tensor, dict]:
-    """dpo_loss on a (2B,) concatenated batch -> (per-pair losses, metric sums)."""
+    `policy_logps` and `reference_logps` are (2B,) over the batch's chosen then rejected rows
+    (`reference_logps` may be None for a loss that needs none, SimPO and ORPO). The loss is
+    `LOSSES[config.loss_type]`; for DPO (Eq 7 of the paper)
+    -log sigma(beta [log pi(y_w)/pi_ref(y_w) - log pi(y_l)/pi_ref(y_l)]).
+    The sums (divide by the number of pairs for means) use TRL's metric names.
+    """
     b = policy_logps.shape[0] // 2
     lengths = batch["loss_mask"].sum(-1).to(policy_logps.device).float()
-    losses, chosen_r, rejected_r = dpo_loss(
-        policy_logps[:b], policy_logps[b:], reference_logps[:b], reference_logps[b:],
-        beta=config.beta, loss_type=config.loss_type, label_smoothing=config.label_smoothing,
-        chosen_lengths=lengths[:b], rejected_lengths=lengths[b:], simpo_gamma=config.simpo_gamma,
-    )
+    losses, chosen_r, rejected_r = LOSSES[config.loss_type].fn(
+        policy_logps, reference_logps, lengths, config.beta, config.label_smoothing,
+        config.simpo_gamma)
     sums = {
         "loss": losses.detach().sum().item(),
         "rewards/chosen": chosen_r.sum().item(),
@@ -221,32 +237,65 @@ def _pair_metrics(policy_logps, reference_logps, batch, config) -> tuple[torch.T
     return losses, sums
 
 
-def _batches(pairs: list, batch_size: int, generator: torch.Generator | None = None):
-    """Yield lists of pairs: in order, or reshuffled each epoch, forever, given a generator."""
-    if generator is None:
-        for i in range(0, len(pairs), batch_size):
-            yield pairs[i: i + batch_size]
-        return
-    if len(pairs) < batch_size:
-        raise ValueError(f"batch_size={batch_size} exceeds the {len(pairs)} training pairs.")
-    while True:
-        order = torch.randperm(len(pairs), generator=generator).tolist()
-        for i in range(0, len(order) - batch_size + 1, batch_size):  # drop the ragged tail
-            yield [pairs[j] for j in order[i: i + batch_size]]
+def _collate(chunk: list[dict], tokenizer) -> dict:
+    """`collate_pairs`, plus the pairs' data-set rows (for the reference cache)."""
+    batch = collate_pairs(chunk, tokenizer.pad_token_id)
+    batch["index"] = torch.tensor([p["index"] for p in chunk])
+    return batch
 
 
-def _lr_lambda(config: TrainConfig):
-    def factor(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / (config.warmup_steps + 1)
-        if config.lr_scheduler == "constant":
-            return 1.0
-        progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
-        if config.lr_scheduler == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+def _tokenize(data, tokenizer, config: TrainConfig) -> list[dict]:
+    data = load_preferences(data)  # the same row checks for raw rows as for loaded files
+    pairs = tokenize_preferences(data, tokenizer, config.max_length, config.max_prompt_length,
+                                 drop_overlong=config.drop_overlong)
+    return [{**pair, "index": i} for i, pair in enumerate(pairs)]
 
-    return factor
+
+def _in_order(pairs: list, batch_size: int):
+    for i in range(0, len(pairs), batch_size):
+        yield pairs[i: i + batch_size]
+
+
+class _Batches:
+    """Batches of pairs forever, reshuffled each epoch by a seeded sampler (ragged tails dropped).
+
+    Its position (the sampler's generator at the start of the epoch, and the batches taken
+    since) is saved in a checkpoint and restored exactly.
+    """
+
+    def __init__(self, pairs: list, batch_size: int, seed: int):
+        if len(pairs) < batch_size:
+            raise ValueError(f"batch_size={batch_size} exceeds the {len(pairs)} training pairs: "
+                             "lower batch_size or add data.")
+        self.pairs, self.batch_size = pairs, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self._epoch = None
+
+    def _start_epoch(self) -> None:
+        self.epoch_start, self.taken = self.generator.get_state(), 0
+        sampler = RandomSampler(self.pairs, generator=self.generator)
+        self._epoch = iter(BatchSampler(sampler, self.batch_size, drop_last=True))
+
+    def __next__(self) -> list[dict]:
+        if self._epoch is None:
+            self._start_epoch()
+        indices = next(self._epoch, None)
+        if indices is None:
+            self._epoch = None
+            return next(self)
+        self.taken += 1
+        return [self.pairs[i] for i in indices]
+
+    def state(self) -> dict:
+        if self._epoch is None:
+            self._start_epoch()
+        return {"epoch_start": self.epoch_start, "taken": self.taken}
+
+    def restore(self, state: dict) -> None:
+        self.generator.set_state(state["epoch_start"])
+        self._start_epoch()
+        for _ in range(state["taken"]):
+            next(self)
 
 
 def _peak_memory_gib(device: torch.device) -> float:
@@ -257,44 +306,47 @@ def _peak_memory_gib(device: torch.device) -> float:
     return rss / (2**30 if sys.platform == "darwin" else 2**20)
 
 
-def _check_precision(config: TrainConfig, device: torch.device) -> None:
-    if config.dtype == "float16" and device.type != "cuda":
-        raise ValueError("dtype='float16' needs a CUDA GPU (autocast + GradScaler); on CPU use "
-                         "'float32' or 'bfloat16'.")
+def _mean(totals: dict, n: int) -> dict:
+    return {key: value / n for key, value in totals.items()}
+
+
+def _add(totals: dict, sums: dict) -> None:
+    for key, value in sums.items():
+        totals[key] = totals.get(key, 0.0) + value
 
 
 @torch.no_grad()
-def _evaluate_pairs(model, tokenizer, pairs, config, device, reference) -> dict:
+def _evaluate_pairs(model, tokenizer, pairs, config, reference: Reference) -> dict:
     was_training = model.training
     model.eval()
-    totals, entropy_sum = {}, 0.0
-    for chunk in _batches(pairs, config.eval_batch_size):
-        batch = collate_pairs(chunk, tokenizer.pad_token_id)
-        policy, entropy = _forward_logps(model, batch, config, device, with_entropy=True)
-        ref = _reference_logps(model, batch, chunk, config, device, reference)
-        _, sums = _pair_metrics(policy, ref, batch, config)
-        for key, value in sums.items():
-            totals[key] = totals.get(key, 0.0) + value
-        entropy_sum += entropy.item() * len(chunk)
+    totals = {}
+    for chunk in _in_order(pairs, config.eval_batch_size):
+        batch = _collate(chunk, tokenizer)
+        policy, entropy = batch_logps(model, batch, config.dtype, with_entropy=True)
+        ref = reference.logps(model, batch, config.dtype) if _needs_reference(config) else None
+        _add(totals, preference_step(policy, ref, batch, config)[1])
+        _add(totals, {"entropy": entropy.item() * len(chunk)})
     model.train(was_training)
-    metrics = {key: value / len(pairs) for key, value in totals.items()}
-    metrics["entropy"] = entropy_sum / len(pairs)
-    return metrics
+    return _mean(totals, len(pairs))
+
+
+def _needs_reference(config: TrainConfig) -> bool:
+    return LOSSES[config.loss_type].needs_reference
 
 
 def evaluate(model, tokenizer, data, config: TrainConfig, reference_model=None) -> dict:
     """DPO metrics on held-out pairs, without gradients, averaged over all pairs.
 
     Keys: loss, rewards/{chosen,rejected,accuracies,margins}, logps/{chosen,rejected} and
-    entropy (mean next-token entropy of the policy on chosen responses, nats). The reference is
+    entropy (mean next-token entropy of the policy on the responses, nats). The reference is
     the peft model with its adapter disabled, or `reference_model` if given. Like `train`, it
     runs the tanh GELU fused when config.fused_gelu is set.
     """
     check_pad_token(tokenizer)
-    device = torch.device(config.device) if config.device else next(model.parameters()).device
+    _device(config, model)
     pairs = _tokenize(data, tokenizer, config)
     with _fast_activations(config, model, reference_model):
-        return _evaluate_pairs(model, tokenizer, pairs, config, device, reference_model)
+        return _evaluate_pairs(model, tokenizer, pairs, config, Reference(reference_model))
 
 
 def _fast_activations(config: TrainConfig, *models) -> ExitStack:
@@ -306,9 +358,13 @@ def _fast_activations(config: TrainConfig, *models) -> ExitStack:
     return stack
 
 
-def train(model, tokenizer, train_data, config: TrainConfig, eval_data=None) -> History:
+def train(model, tokenizer, train_data, config: TrainConfig, eval_data=None,
+          resume_from=None) -> History:
     """Train `model` with a preference loss on `train_data`; returns the per-step History.
 
+    - Everything is checked before any work: the config (on construction), the data (through
+      `load_preferences`' checks, so raw rows are checked too), the tokenizer, the device, the
+      model's context length and trainable parameters, and a checkpoint to resume from.
     - Reference: a peft model's adapter disabled, so no second copy of the weights. With
       `cache_reference` (default) each pair's reference log-probs are kept after their first
       pass, so from the second epoch on a step skips the reference forward. A model without an
@@ -318,143 +374,272 @@ def train(model, tokenizer, train_data, config: TrainConfig, eval_data=None) -> 
       training (`models.fused_gelu`; the modules are restored on return).
     - Dropout is set to 0 (in place) so step 0 is exactly the reference: loss ln 2.
     - One concatenated chosen+rejected forward per micro-batch; AdamW on trainable parameters;
-      warmup + cosine/linear schedule; gradient clipping; autocast (+ GradScaler for float16).
+      transformers' warmup + cosine/linear/constant schedule; gradient clipping; autocast (+
+      GradScaler for float16).
     - Each step records loss, rewards/*, logps/*, grad_norm, learning_rate, step_seconds (wall
       time of the step, before any evaluation), tokens_per_second, peak_memory_gib; with
       eval_data, eval/* metrics every `eval_every` steps and at the end.
       Train metrics of step s come from the forward before its update, eval/* from after it;
       call evaluate() before training for the reference's values.
+    - Checkpoints: with `output_dir` and `save_steps`, `output_dir/checkpoint-{n}/` after every
+      `save_steps` steps and at the end (n = steps done). A KeyboardInterrupt or a
+      NonFiniteLossError saves the last completed step (with `output_dir` set) and propagates
+      with `.history` (and `.checkpoint`) attached. `resume_from` (a checkpoint folder, or True
+      for the newest in `output_dir`) continues a run: on CPU its History equals the
+      uninterrupted run's bit for bit, timing fields aside.
     - A non-finite loss stops training with NonFiniteLossError naming the step and dtype.
     """
+    run = _Run(model, tokenizer, train_data, config, eval_data, resume_from)
     with _fast_activations(config, model):
-        return _train(model, tokenizer, train_data, config, eval_data)
+        return _train(run)
 
 
-def _train(model, tokenizer, train_data, config: TrainConfig, eval_data) -> History:
-    check_pad_token(tokenizer)
-    device = torch.device(config.device) if config.device else next(model.parameters()).device
-    torch.manual_seed(config.seed)
-    pairs = _tokenize(train_data, tokenizer, config)
-    eval_pairs = None if eval_data is None else _tokenize(eval_data, tokenizer, config)
-    disable_dropout(model)
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()  # so checkpointed blocks see inputs needing grad
-    model.to(device).train()
+def _device(config: TrainConfig, model) -> torch.device:
+    """The run's device, and a clear error where it cannot be used (before torch's own)."""
+    base = (model.get_base_model() if _is_peft(model) else model).config
+    context = getattr(base, "n_positions", None) or getattr(base, "max_position_embeddings", None)
+    if context is not None and config.max_length > context:
+        raise ValueError(f"max_length={config.max_length} exceeds the model's context of "
+                         f"{context} tokens: lower max_length to at most {context}.")
+    if config.device is None:
+        return next(model.parameters()).device
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={config.device!r} but this machine has no CUDA GPU: use "
+                         "device='cpu' (or None), or run on a GPU runtime.")
+    return device
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters: call add_lora(model) first, or "
-                         "unfreeze the weights for full fine-tuning.")
-    if config.dtype == "float16" and any(p.dtype == torch.float16 for p in params):
-        raise ValueError("dtype='float16' trains with autocast and a GradScaler, which needs "
-                         "float32 trainable weights: load the model in float32 for full "
-                         "fine-tuning, or train LoRA adapters (peft keeps them in float32).")
-    _check_precision(config, device)
-    reference = eval_reference = None  # None: the peft adapter, disabled, at every step
-    if not _is_peft(model):  # full fine-tuning: freeze the initial policy's log-probs
-        reference = _cache_reference(model, tokenizer, pairs, config, device)
-        if eval_pairs is not None:
-            eval_reference = _cache_reference(model, tokenizer, eval_pairs, config, device)
-    elif config.cache_reference:  # filled as pairs come up; from epoch 2 on, no reference pass
-        reference = torch.full((len(pairs), 2), float("nan"))
-        if eval_pairs is not None:
-            eval_reference = torch.full((len(eval_pairs), 2), float("nan"))
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate,
-                                  weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
-    scaler = torch.amp.GradScaler("cuda", enabled=config.dtype == "float16")
-    batches = _batches(pairs, config.batch_size, torch.Generator().manual_seed(config.seed))
-    history = History()
-    bar = tqdm(range(config.max_steps), desc="DPO", disable=not config.progress)
-    for step in bar:
-        start, tokens, totals = time.perf_counter(), 0, {}
-        n_pairs = config.batch_size * config.gradient_accumulation_steps
-        for _ in range(config.gradient_accumulation_steps):
-            chunk = next(batches)
-            batch = collate_pairs(chunk, tokenizer.pad_token_id)
-            ref = _reference_logps(model, batch, chunk, config, device, reference)
-            policy, _ = _forward_logps(model, batch, config, device)
-            losses, sums = _pair_metrics(policy, ref, batch, config)
-            loss = losses.mean() / config.gradient_accumulation_steps
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"non-finite loss ({loss.item()}) at step {step} with dtype={config.dtype}. "
-                    "Likely cause: float16 overflow (e.g. phi-2 attention in fp16 with 'eager' "
-                    "attention) or a too-high learning rate. Use attn_implementation='sdpa', "
-                    "bfloat16 on Ampere or newer (or float32), or a lower learning_rate."
-                )
-            scaler.scale(loss).backward()
-            tokens += int(batch["attention_mask"].sum())
-            for key, value in sums.items():
-                totals[key] = totals.get(key, 0.0) + value
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm).item()
-        lr = scheduler.get_last_lr()[0]
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - start
-        row = {"step": step, **{key: value / n_pairs for key, value in totals.items()},
-               "grad_norm": grad_norm, "learning_rate": lr, "step_seconds": seconds,
-               "tokens_per_second": tokens / seconds, "peak_memory_gib": _peak_memory_gib(device)}
-        last = step == config.max_steps - 1
-        due = config.eval_every and step % config.eval_every == 0
-        if eval_pairs is not None and (last or due):
-            evaluation = _evaluate_pairs(model, tokenizer, eval_pairs, config, device,
-                                         eval_reference)
-            row.update({f"eval/{key}": value for key, value in evaluation.items()})
-        history.append(row)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}")
-    model.eval()
+
+class _Run:
+    """Everything a training run holds: data, references, optimiser, schedule, scaler."""
+
+    def __init__(self, model, tokenizer, train_data, config: TrainConfig, eval_data,
+                 resume_from=None):
+        from transformers import get_scheduler
+
+        # Checks first: nothing is changed or computed until all of them pass.
+        check_pad_token(tokenizer)
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.device = _device(config, model)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable parameters: call add_lora(model) "
+                             "first, or unfreeze the weights for full fine-tuning.")
+        if config.dtype == "float16" and any(p.dtype == torch.float16 for p in self.params):
+            raise ValueError("dtype='float16' trains with autocast and a GradScaler, which needs "
+                             "float32 trainable weights: load the model in float32 for full "
+                             "fine-tuning, or train LoRA adapters (peft keeps them in float32).")
+        if config.dtype == "float16" and self.device.type != "cuda":
+            raise ValueError("dtype='float16' needs a CUDA GPU (autocast + GradScaler); on CPU "
+                             "use 'float32' or 'bfloat16'.")
+        self.pairs = _tokenize(train_data, tokenizer, config)
+        self.eval_pairs = None if eval_data is None else _tokenize(eval_data, tokenizer, config)
+        self.batches = _Batches(self.pairs, config.batch_size, config.seed)
+        checkpoint = None if resume_from is None else _checkpoint_to_resume(resume_from, config)
+
+        torch.manual_seed(config.seed)
+        disable_dropout(model)
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()  # so checkpointed blocks see inputs needing grad
+        model.to(self.device).train()
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate,
+                                           weight_decay=config.weight_decay)
+        self.scheduler = get_scheduler(SCHEDULERS[config.lr_scheduler], self.optimizer,
+                                       config.warmup_steps, config.max_steps)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=config.dtype == "float16")
+        self.history, self.start = History(), 0
+        if checkpoint is None:
+            self.reference, self.eval_reference = self._references()
+        else:
+            self._restore(checkpoint)
+        self.step_state = self._step_state()
+
+    def _references(self) -> tuple[Reference, Reference]:
+        config, model = self.config, self.model
+        if not _is_peft(model):  # full fine-tuning: freeze the initial policy's log-probs
+            return tuple(
+                None if pairs is None else Reference.frozen(
+                    model, self.tokenizer, pairs, config.eval_batch_size, config.dtype)
+                for pairs in (self.pairs, self.eval_pairs))
+        if not config.cache_reference:  # the disabled adapter at every step
+            return Reference(), Reference()
+        return tuple(Reference(cache=torch.full((len(pairs or []), 2), float("nan")))
+                     for pairs in (self.pairs, self.eval_pairs))
+
+    def micro_step(self, step: int) -> tuple[dict, int]:
+        """Forward and backward on one micro-batch: (metric sums, tokens)."""
+        config = self.config
+        batch = _collate(next(self.batches), self.tokenizer)
+        ref = (self.reference.logps(self.model, batch, config.dtype)
+               if _needs_reference(config) else None)
+        policy = batch_logps(self.model, batch, config.dtype)
+        losses, sums = preference_step(policy, ref, batch, config)
+        loss = losses.mean() / config.gradient_accumulation_steps
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"non-finite loss ({loss.item()}) at step {step} with dtype={config.dtype}. "
+                "Likely cause: float16 overflow (e.g. phi-2 attention in fp16 with 'eager' "
+                "attention) or a too-high learning rate. Use attn_implementation='sdpa', "
+                "bfloat16 on Ampere or newer (or float32), or a lower learning_rate.")
+        self.scaler.scale(loss).backward()
+        return sums, int(batch["attention_mask"].sum())
+
+    def update(self) -> tuple[float, float]:
+        """Clip, step the optimiser and the schedule: (grad norm, the learning rate used)."""
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.config.max_grad_norm
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm or math.inf)
+        lr = self.scheduler.get_last_lr()[0]
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return grad_norm.item(), lr
+
+    def evaluation_due(self, step: int) -> bool:
+        every, last = self.config.eval_every, step == self.config.max_steps - 1
+        return self.eval_pairs is not None and (last or bool(every and step % every == 0))
+
+    def evaluate(self) -> dict:
+        metrics = _evaluate_pairs(self.model, self.tokenizer, self.eval_pairs, self.config,
+                                  self.eval_reference)
+        return {f"eval/{key}": value for key, value in metrics.items()}
+
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def _step_state(self) -> dict:
+        """What a step starts from, beyond the weights and optimiser: data position and RNG."""
+        return {"batches": self.batches.state(), "rng": torch.get_rng_state()}
+
+    def _trainable(self) -> dict:
+        return {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+
+    def save(self, steps_done: int) -> Path:
+        """Write output_dir/checkpoint-{steps_done}/ (atomically) and prune old ones."""
+        from safetensors.torch import save_file
+
+        root = Path(self.config.output_dir)
+        final, tmp = root / f"checkpoint-{steps_done}", root / f"checkpoint-{steps_done}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file({n: p.detach().cpu().contiguous() for n, p in self._trainable().items()},
+                  tmp / "trainable.safetensors")
+        caches = {"reference": self.reference.cache,
+                  "eval_reference": getattr(self.eval_reference, "cache", None)}
+        torch.save({"steps_done": steps_done, "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                    "caches": caches, **self.step_state}, tmp / "state.pt")
+        (tmp / "config.json").write_text(json.dumps(asdict(self.config), indent=1))
+        self.history.to_json(tmp / "history.json")
+        if _is_peft(self.model):  # loadable with load_adapter, too
+            save_adapter(self.model, tmp / "adapter")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        limit = self.config.save_total_limit
+        for old in (_checkpoints(root)[:-limit] if limit else []):
+            shutil.rmtree(old)
+        return final
+
+    def _restore(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        weights, trainable = load_file(path / "trainable.safetensors"), self._trainable()
+        if set(weights) != set(trainable) or any(
+                weights[n].shape != p.shape for n, p in trainable.items()):
+            raise ValueError(f"{path} holds trainable weights of another model (names or shapes "
+                             "differ): resume with the model and adapter settings it was "
+                             "trained with.")
+        with torch.no_grad():
+            for name, p in trainable.items():
+                p.copy_(weights[name])
+        state = torch.load(path / "state.pt", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.batches.restore(state["batches"])
+        torch.set_rng_state(state["rng"])
+        self.reference = Reference(cache=state["caches"]["reference"])
+        self.eval_reference = Reference(cache=state["caches"]["eval_reference"])
+        if self.eval_pairs is not None and self.eval_reference.cache is None and not _is_peft(
+                self.model):
+            raise ValueError(f"{path} was saved without eval_data; its full fine-tuning run "
+                             "has no frozen reference for it: resume without eval_data.")
+        self.history = History.from_json(path / "history.json")
+        self.start = state["steps_done"]
+
+
+# Settings that may differ between a run and its resumption: they do not change the training.
+_RESUMABLE = {"progress", "output_dir", "save_steps", "save_total_limit", "device", "eval_every",
+              "eval_batch_size"}
+
+
+def _checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoint folders under `root`, oldest first."""
+    found = [p for p in Path(root).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def _checkpoint_to_resume(resume_from, config: TrainConfig) -> Path:
+    if resume_from is True:
+        if config.output_dir is None or not _checkpoints(config.output_dir):
+            raise ValueError(f"resume_from=True but output_dir={config.output_dir!r} holds no "
+                             "checkpoint-{step}/ folder: pass a checkpoint path, or start "
+                             "without resume_from.")
+        path = _checkpoints(config.output_dir)[-1]
+    else:
+        path = Path(resume_from)
+    if not (path / "state.pt").is_file():
+        raise ValueError(f"resume_from={str(resume_from)!r} is not a checkpoint folder (no "
+                         "state.pt in it): pass a checkpoint-{step}/ folder written by train.")
+    saved = json.loads((path / "config.json").read_text())
+    changed = {k: (saved.get(k), v) for k, v in asdict(config).items()
+               if k not in _RESUMABLE and saved.get(k) != v}
+    if changed:
+        raise ValueError(f"{path} was written with other settings {changed} (saved, now): "
+                         "resume with the config it was trained with.")
+    return path
+
+
+def _train(run: _Run) -> History:
+    """The loop: per step, accumulate micro-batches, update, record, evaluate, checkpoint."""
+    config, history = run.config, run.history
+    bar = tqdm(range(run.start, config.max_steps), desc="DPO", disable=not config.progress,
+               initial=run.start, total=config.max_steps)
+    done = run.start
+    try:
+        for step in bar:
+            start, tokens, totals = time.perf_counter(), 0, {}
+            for _ in range(config.gradient_accumulation_steps):
+                sums, n_tokens = run.micro_step(step)
+                _add(totals, sums)
+                tokens += n_tokens
+            grad_norm, lr = run.update()
+            done, run.step_state = step + 1, run._step_state()
+            seconds = time.perf_counter() - start
+            pairs = config.batch_size * config.gradient_accumulation_steps
+            history.append({
+                "step": step, **_mean(totals, pairs),
+                "grad_norm": grad_norm, "learning_rate": lr, "step_seconds": seconds,
+                "tokens_per_second": tokens / seconds,
+                "peak_memory_gib": _peak_memory_gib(run.device)})
+            if run.evaluation_due(step):
+                history[-1].update(run.evaluate())
+            bar.set_postfix(loss=f"{history[-1]['loss']:.4f}",
+                            acc=f"{history[-1]['rewards/accuracies']:.2f}")
+            if config.save_steps and (done % config.save_steps == 0 or done == config.max_steps):
+                run.save(done)
+    except (KeyboardInterrupt, NonFiniteLossError) as err:
+        # Keep what was done: the state after the last update, with the data position and RNG
+        # its successor began with (an unfinished step's gradients are dropped).
+        run.optimizer.zero_grad(set_to_none=True)
+        err.history = history
+        if config.output_dir is not None and done > run.start:
+            err.checkpoint = run.save(done)
+        raise
+    run.model.eval()
     return history
-
-
-def config_dict(config: TrainConfig) -> dict:
-    """The config as a plain dict (for saving next to a History)."""
-    return asdict(config)
-
-
-def generate_pairs(model, tokenizer, prompts: list[str], max_new_tokens: int = 40,
-                   seed: int = 0, temperature: float = 0.7) -> list[dict]:
-    """Reference (adapter disabled) and policy completions side by side, greedy and sampled.
-
-    Returns one dict per prompt: prompt, reference (greedy), policy (greedy), reference
-    (sampled), policy (sampled). Sampling is seeded, so the table is reproducible on one machine.
-    """
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    rows = []
-    for prompt in prompts:
-        inputs = tokenizer(prompt, return_tensors="pt").to(device)
-        row = {"prompt": prompt}
-        for label, sample in (("greedy", False), ("sampled", True)):
-            for who in ("reference", "policy"):
-                torch.manual_seed(seed)
-                context = model.disable_adapter() if who == "reference" else nullcontext()
-                kwargs = dict(do_sample=True, temperature=temperature, top_k=50) if sample else {}
-                with context, torch.no_grad():
-                    out = model.generate(**inputs, max_new_tokens=max_new_tokens,
-                                         pad_token_id=tokenizer.pad_token_id, **kwargs)
-                new = out[0, inputs["input_ids"].shape[1]:]
-                row[f"{who} ({label})"] = tokenizer.decode(new, skip_special_tokens=True).strip()
-        rows.append(row)
-    model.train(was_training)
-    return rows
-
-
-def save_adapter(model, path) -> Path:
-    """Save only the LoRA weights (safetensors) and adapter config to `path`."""
-    model.save_pretrained(path, safe_serialization=True)
-    return Path(path)
-
-
-def load_adapter(base_model, path):
-    """Put a saved adapter back on a fresh base model: a peft model in eval mode."""
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(base_model, path).eval()

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from dpo_minimal import bandit
+from dpo_minimal.course import bandit
 
 PI_REF = torch.tensor([0.3, 0.25, 0.2, 0.15, 0.1])
 REWARD = torch.tensor([0.0, 1.0, -0.5, 2.0, 0.5])

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from dpo_minimal import bandit
+from dpo_minimal.course import bandit
 
 SCORES = torch.tensor([0.5, -1.0, 2.0, 0.0])
 WINNERS = torch.tensor([0, 2, 1, 2, 3])

@@ -4,7 +4,7 @@ display follows the contract the slides builder reads."""
 import pytest
 import sympy as sp
 
-from dpo_minimal import symbolic
+from dpo_minimal.course import symbolic
 from dpo_minimal.course import derivation as D
 from dpo_minimal.course.derivation import (
     DerivationError,

@@ -7,7 +7,8 @@ checked against closed forms written out below.
 
 import torch
 
-from dpo_minimal import bandit, dpo_loss
+from dpo_minimal import dpo_loss
+from dpo_minimal.course import bandit
 
 PI_REF = torch.tensor([0.35, 0.25, 0.2, 0.12, 0.08], dtype=torch.float64)
 REWARD = torch.tensor([0.5, -1.0, 1.5, 0.0, 1.0])

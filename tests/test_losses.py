@@ -116,8 +116,8 @@ def test_unweighted_has_constant_gradient():
     "kwargs, message",
     [
         (dict(loss_type="kto_pair"), "unknown loss_type"),
-        (dict(beta=0.0), "beta must be > 0"),
-        (dict(beta=-1.0), "beta must be > 0"),
+        (dict(beta=0.0), "beta must be a finite number > 0"),
+        (dict(beta=-1.0), "beta must be a finite number > 0"),
         (dict(label_smoothing=0.5), "label_smoothing"),
         (dict(label_smoothing=-0.1), "label_smoothing"),
         (dict(loss_type="ipo"), "chosen_lengths"),

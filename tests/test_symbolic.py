@@ -1,4 +1,4 @@
-"""The derivation of notebook 02, re-checked: each identity of dpo_minimal.symbolic, against the
+"""The derivation of notebook 02, re-checked: each identity of dpo_minimal.course.symbolic, against the
 formula written out here, and against numbers."""
 
 import math
@@ -7,8 +7,9 @@ import pytest
 import sympy as sp
 import torch
 
-from dpo_minimal import bandit, dpo_loss
-from dpo_minimal import symbolic as S
+from dpo_minimal import dpo_loss
+from dpo_minimal.course import bandit
+from dpo_minimal.course import symbolic as S
 
 PI, PI_REF, R, BETA = S.response_symbols(3)
 

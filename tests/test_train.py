@@ -6,14 +6,12 @@ import pytest
 import torch
 
 from dpo_minimal import add_lora, load_preferences, shipped_data_path, tiny_model
+from dpo_minimal.adapters import generate_pairs, load_adapter, save_adapter
 from dpo_minimal.train import (
     History,
     NonFiniteLossError,
     TrainConfig,
     evaluate,
-    generate_pairs,
-    load_adapter,
-    save_adapter,
     train,
 )
 

@@ -25,10 +25,10 @@ from dpo_minimal import (  # noqa: E402  # noqa: E402
 )
 from dpo_minimal.models import fused_gelu  # noqa: E402
 from dpo_minimal.train import (  # noqa: E402
+    Reference,
     TrainConfig,
-    _forward_logps,
-    _pair_metrics,
-    _reference_logps,
+    batch_logps,
+    preference_step,
 )
 
 BETA = 0.5
@@ -85,11 +85,10 @@ def _ours(model, pairs, batch, loss_type, label_smoothing=0.0, fused=False):
     With `fused`, GPT-2's gelu_new runs as one kernel, as it does in `train` by default.
     """
     config = TrainConfig(beta=BETA, loss_type=loss_type, label_smoothing=label_smoothing)
-    device = torch.device("cpu")
     with fused_gelu(model) if fused else nullcontext():
-        policy, _ = _forward_logps(model, batch, config, device)
-        reference = _reference_logps(model, batch, pairs, config, device, None)
-    losses, sums = _pair_metrics(policy, reference, batch, config)
+        policy = batch_logps(model, batch)
+        reference = Reference().logps(model, batch)
+    losses, sums = preference_step(policy, reference, batch, config)
     n = len(pairs)
     return losses.mean().item(), {key: sums[key] / n for key in METRICS}, policy, reference
 

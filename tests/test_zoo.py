@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dpo_minimal import bandit
+from dpo_minimal.course import bandit
 from dpo_minimal.losses import kto_loss, orpo_loss
 
 POLICY = torch.tensor([-10.0, -12.0, -8.0, -20.0], dtype=torch.float64)

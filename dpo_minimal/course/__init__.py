@@ -1,4 +1,42 @@
 """The course's teaching labs: modes, the bandit lab, SymPy derivations, plots, the task world.
 
-Nothing here is needed to use `dpo_minimal` as a library; the notebooks import it.
+Nothing here is needed to use `dpo_minimal` as a library. Each notebook starts with
+`course = setup()`, the one place where the course changes process state.
 """
+
+from dataclasses import dataclass
+
+from .modes import get_mode, go_offline
+
+
+@dataclass(frozen=True)
+class Course:
+    """What a notebook needs to know about where it runs."""
+
+    mode: str  # "smoke" or "full"
+    device: str  # "cuda" in full mode with a GPU, else "cpu"
+
+    @property
+    def smoke(self) -> bool:
+        return self.mode == "smoke"
+
+
+def setup(threads: int | None = None, verbose: bool = True) -> Course:
+    """Set up a notebook: resolve the mode, and in smoke mode stay off the network.
+
+    Smoke mode sets HF_HUB_OFFLINE (and the datasets/transformers switches), so nothing can
+    reach the Hub, and runs torch on one thread: the tiny models gain nothing from more, and on
+    shared cores (CI, a busy laptop) threads that wait for each other cost far more than they
+    give. `threads` overrides the thread count in either mode. Prints the mode and device.
+    """
+    import torch
+
+    mode = get_mode()
+    if mode == "smoke":
+        go_offline()
+    if threads is not None or mode == "smoke":
+        torch.set_num_threads(threads or 1)
+    device = "cuda" if mode == "full" and torch.cuda.is_available() else "cpu"
+    if verbose:
+        print(f"mode: {mode} (device: {device})")
+    return Course(mode, device)

@@ -15,8 +15,8 @@ this way; the slides builder reads the lines from the output's metadata.
 import sympy as sp
 from sympy.printing.latex import LatexPrinter
 
-from ..symbolic import is_zero
-from ..symbolic import sigmoid as sigma
+from .symbolic import is_zero
+from .symbolic import sigmoid as sigma
 
 __all__ = ["DerivationError", "Expectation", "add", "check", "derivation", "exp", "expand_sigma",
            "expectation", "frac", "inv", "keep", "log", "mul", "reason", "render", "same", "sigma",

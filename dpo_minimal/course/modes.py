@@ -3,12 +3,15 @@
 smoke: tiny models of the real architectures and the shipped data, on CPU, in seconds, offline.
 full:  gpt2 / microsoft/phi-2 and the Hub data set, for a student with a GPU and internet.
 Unset: full when CUDA is available, smoke otherwise.
+
+Nothing here runs on import: a notebook calls `dpo_minimal.course.setup()`.
 """
 
 import os
+import sys
 
 MODES = ("smoke", "full")
-_OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
 def get_mode() -> str:
@@ -26,16 +29,14 @@ def get_mode() -> str:
     return "full" if torch.cuda.is_available() else "smoke"
 
 
-def setup_mode() -> str:
-    """Resolve the mode and, in smoke mode, forbid the Hugging Face libraries the network."""
-    mode = get_mode()
-    if mode == "smoke":
-        for var in _OFFLINE_VARS:
-            os.environ[var] = "1"
-        # huggingface_hub reads the variable at import, so patch it too if already imported.
-        import sys
+def go_offline() -> None:
+    """Forbid the Hugging Face libraries the network, for this process and its children.
 
-        constants = sys.modules.get("huggingface_hub.constants")
-        if constants is not None:
-            constants.HF_HUB_OFFLINE = True
-    return mode
+    huggingface_hub reads HF_HUB_OFFLINE when it is imported, so an already imported copy is
+    switched too.
+    """
+    for var in OFFLINE_VARS:
+        os.environ[var] = "1"
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None:
+        constants.HF_HUB_OFFLINE = True

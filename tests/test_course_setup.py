@@ -1,11 +1,15 @@
-"""The mode switch, and that smoke mode never opens a network connection."""
+"""The mode switch, course.setup(), that importing the library changes no process state, and that
+smoke mode never opens a network connection."""
 
+import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
-from dpo_minimal.modes import get_mode, setup_mode
+from dpo_minimal.course import setup
+from dpo_minimal.course.modes import get_mode
 
 
 def test_mode_from_environment(monkeypatch):
@@ -28,13 +32,40 @@ def test_unset_means_full_only_with_cuda(monkeypatch):
     assert get_mode() == "full"
 
 
-def test_smoke_mode_sets_hub_offline(monkeypatch):
+def test_smoke_setup_sets_hub_offline(monkeypatch):
     monkeypatch.setenv("DPO_COURSE_MODE", "smoke")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    assert setup_mode() == "smoke"
-    import os
-
+    threads = torch.get_num_threads()
+    try:
+        course = setup(verbose=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert course.mode == "smoke" and course.smoke and course.device == "cpu"
     assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+IMPORT_ONLY = """
+import os, sys
+# What the libraries it builds on do on import (torch sets TORCHINDUCTOR_CACHE_DIR) is theirs.
+import datasets, peft, torch, transformers, tqdm
+before = dict(os.environ)
+import dpo_minimal, dpo_minimal.course, dpo_minimal.train, dpo_minimal.models
+assert dict(os.environ) == before, set(os.environ.items()) ^ set(before.items())
+from huggingface_hub import constants
+assert not constants.HF_HUB_OFFLINE
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("mode", ["", "smoke", "full"])
+def test_import_changes_no_process_state(mode):
+    # A practitioner on a CPU laptop imports the library and then calls load_model("gpt2"): the
+    # import must not have cut the process off the Hub (it used to, with DPO_COURSE_MODE unset).
+    env = {"PATH": "/usr/bin:/bin", **({"DPO_COURSE_MODE": mode} if mode else {})}
+    out = subprocess.run([sys.executable, "-c", IMPORT_ONLY], env=env, capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "ok"
 
 
 BLOCKED = """
@@ -46,7 +77,8 @@ socket.socket.connect_ex = refuse
 socket.create_connection = refuse
 socket.getaddrinfo = refuse
 import dpo_minimal
-assert dpo_minimal.MODE == "smoke"
+from dpo_minimal.course import setup
+assert setup(verbose=False).mode == "smoke"
 model, tok = dpo_minimal.tiny_model("gpt2")
 model, tok = dpo_minimal.tiny_model("phi")
 data = dpo_minimal.load_preferences(dpo_minimal.shipped_data_path("train"))

@@ -7,7 +7,7 @@ losers). Used by notebooks 01, 02, 03 and 06.
 import torch
 import torch.nn.functional as F
 
-from .losses import dpo_loss
+from ..losses import dpo_loss
 
 
 def optimal_policy(pi_ref: torch.Tensor, reward: torch.Tensor, beta: float) -> torch.Tensor:

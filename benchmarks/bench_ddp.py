@@ -1,0 +1,170 @@
+"""Data parallel on CPU: seconds per global batch, 2 processes x 1 thread vs 1 process x 2 threads.
+
+    .venv/bin/python benchmarks/bench_ddp.py                 # prints the table
+    .venv/bin/python benchmarks/bench_ddp.py --write         # and writes benchmarks/DDP.md
+    .venv/bin/python benchmarks/bench_ddp.py --repeats 1 --steps 6 --models tiny   # quick look
+
+Both sides do the same work: the same model at the same weights, the same LoRA init, the same
+global batch of pairs in the same order, the same number of steps (`dpo_minimal.train`), and the
+same total number of CPU threads. One process runs with 2 torch threads and batch_size = the
+global batch; two processes (torchrun, gloo) run with 1 thread each and half of it. The time of
+a step is its `step_seconds` in the History (rank 0's: it includes waiting for the other
+process in the all-reduce); a run's figure is the median over its steps after the first
+`--warmup`. Runs alternate between the sides, and each cell is min / median over `--repeats`.
+"""
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "DDP.md"
+SEED = 0
+GLOBAL_BATCH = 8  # pairs per optimiser step
+MAX_LENGTH, MAX_PROMPT_LENGTH = 128, 64
+# tiny: tiny_model("gpt2") (4 layers, width 128); small: GPT-2 with 6 layers of width 384.
+MODELS = {"tiny": "tiny_model('gpt2'): 4 layers, width 128",
+          "small": "GPT-2, 6 layers, width 384, 6 heads (random init)"}
+
+
+def _model(name: str):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from dpo_minimal import tiny_model
+    from dpo_minimal.models import course_tokenizer
+
+    if name == "tiny":
+        return tiny_model("gpt2")
+    tokenizer = course_tokenizer()
+    config = GPT2Config(n_embd=384, n_layer=6, n_head=6, n_positions=512,
+                        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(SEED)
+    return GPT2LMHeadModel(config), tokenizer
+
+
+def worker(args) -> None:
+    """One side's run (every process of it); rank 0 prints its step times as one JSON line."""
+    import torch
+
+    from dpo_minimal import TrainConfig, add_lora, shipped_data_path, train
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer = _model(args.model)
+    torch.manual_seed(SEED)
+    model = add_lora(model, r=16, alpha=32, dropout=0.0)
+    config = TrainConfig(batch_size=args.batch_size, max_length=MAX_LENGTH,
+                         max_prompt_length=MAX_PROMPT_LENGTH, max_steps=args.steps,
+                         learning_rate=5e-4, progress=False, seed=SEED)
+    history = train(model, tokenizer, str(shipped_data_path("train")), config)
+    if int(os.environ.get("RANK", 0)) == 0:
+        seconds = [row["step_seconds"] for row in history[args.warmup:]]
+        print("RESULT " + json.dumps({"median": statistics.median(seconds),
+                                      "loss": [row["loss"] for row in history]}))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(model: str, processes: int, steps: int, warmup: int) -> dict:
+    threads = 2 // processes
+    worker_args = [str(Path(__file__).resolve()), "--worker", "--model", model, "--threads",
+                   str(threads), "--batch-size", str(GLOBAL_BATCH // processes), "--steps",
+                   str(steps), "--warmup", str(warmup)]
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                 str(processes), "--master_port", str(_free_port())] if processes > 1
+                else [sys.executable])
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(launcher + worker_args, env=env, capture_output=True, text=True,
+                          timeout=1800)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"{processes}-process run failed:\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def _machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text()
+                .splitlines() if line.startswith("model name")), platform.processor())
+    return f"{cpu}, {os.cpu_count()} logical CPUs"
+
+
+def _versions() -> str:
+    from importlib.metadata import version
+
+    return ", ".join(f"{name} {version(name)}" for name in ("torch", "transformers", "peft"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=2, help="first steps not timed")
+    parser.add_argument("--write", action="store_true", help=f"write {OUT.name}")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", default="tiny", help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--batch-size", type=int, default=GLOBAL_BATCH, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+
+    start, load_start = time.time(), os.getloadavg()
+    rows = []
+    for model in args.models:
+        times, losses = {1: [], 2: []}, {}
+        for _ in range(args.repeats):
+            for processes in (1, 2):  # alternate, so that a busy minute hits both sides
+                result = _run(model, processes, args.steps, args.warmup)
+                times[processes].append(result["median"])
+                losses[processes] = result["loss"]
+                print(f"{model}: {processes} process(es): {result['median']:.4f} s/step",
+                      flush=True)
+        gap = max(abs(a - b) for a, b in zip(losses[1], losses[2]))
+        ratios = [two / one for one, two in zip(times[1], times[2])]
+        rows.append((model, times, ratios, gap))
+    table = ["| model | 1 process x 2 threads, s / global batch: min / median | "
+             "2 processes x 1 thread: min / median | ratio 2p / 1p: min / median "
+             "(run by run) | largest loss difference |", "|---|---|---|---|---|"]
+    for model, times, ratios, gap in rows:
+        cell = lambda xs: f"{min(xs):.4f} / {statistics.median(xs):.4f}"  # noqa: E731
+        table.append(f"| {MODELS[model]} | {cell(times[1])} | {cell(times[2])} | "
+                     f"**{min(ratios):.2f}x** / **{statistics.median(ratios):.2f}x** | "
+                     f"{gap:.1e} |")
+    notes = [
+        f"- Global batch {GLOBAL_BATCH} pairs, at most {MAX_LENGTH} tokens per row (the shipped "
+        f"data), LoRA r=16 on c_attn, c_proj, c_fc; {args.steps} steps per run, the first "
+        f"{args.warmup} not timed; {args.repeats} runs per side, alternating.",
+        f"- Machine: {_machine()}; load average (1 / 5 / 15 min) "
+        f"{' / '.join(f'{x:.1f}' for x in load_start)} at the start and "
+        f"{' / '.join(f'{x:.1f}' for x in os.getloadavg())} at the end (a shared machine).",
+        f"- Versions: python {platform.python_version()}, {_versions()}.",
+        f"- Took {(time.time() - start) / 60:.1f} minutes.",
+    ]
+    text = "\n".join(table + [""] + notes)
+    print(text)
+    if args.write:
+        command = "python benchmarks/bench_ddp.py " + " ".join(sys.argv[1:])
+        OUT.write_text(
+            "# Data parallel on CPU: 2 processes vs 1 at the same thread count\n\n"
+            f"Written by `{command.strip()}` on "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Ratios below 1 mean two "
+            "processes finish a global batch faster than one process with both threads.\n\n"
+            + text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Nothing lost: checkpoints, resume bit for bit, and an interrupted run that keeps its steps."""
+
+import math
+import sys
+from functools import cache
+
+import pytest
+import torch
+
+from dpo_minimal import add_lora, load_preferences, shipped_data_path, tiny_model
+from dpo_minimal.adapters import load_adapter
+from dpo_minimal.train import (
+    NonFiniteLossError,
+    TrainConfig,
+    _Run,
+    train,
+)
+
+DATA = load_preferences(shipped_data_path("train")).select(range(12))
+HELD_OUT = load_preferences(shipped_data_path("test")).select(range(4))
+TIMING = {"step_seconds", "tokens_per_second", "peak_memory_gib"}
+
+
+def _model(lora: bool):
+    model, tok = tiny_model("gpt2", seed=0)
+    return (add_lora(model, r=4, alpha=8) if lora else model), tok
+
+
+def _config(tmp_path, **kwargs):
+    base = dict(batch_size=2, gradient_accumulation_steps=2, max_steps=6, max_length=64,
+                max_prompt_length=32, learning_rate=1e-2, warmup_steps=1, eval_every=2,
+                progress=False, output_dir=str(tmp_path), save_steps=2)
+    return TrainConfig(**{**base, **kwargs})
+
+
+def _without_timing(history):
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in history]
+
+
+def _interrupt_at(monkeypatch, call: int):
+    """Make the `call`-th optimiser update raise KeyboardInterrupt, as Ctrl-C would."""
+    update, calls = _Run.update, []
+
+    def interrupted(self):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return update(self)
+
+    monkeypatch.setattr(_Run, "update", interrupted)
+
+
+@cache
+def _uninterrupted(lora: bool):
+    model, tok = _model(lora)
+    lr = {} if lora else {"learning_rate": 1e-4}
+    config = _config("/tmp/unused", save_steps=0, output_dir=None, **lr)
+    return train(model, tok, DATA, config, eval_data=HELD_OUT)
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+@pytest.mark.parametrize("stop", [2, 5])
+def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, monkeypatch, lora,
+                                                                  stop):
+    lr = {} if lora else {"learning_rate": 1e-4}
+    whole = _uninterrupted(lora)
+
+    model, tok = _model(lora)
+    _interrupt_at(monkeypatch, stop)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        train(model, tok, DATA, _config(tmp_path / "cut", **lr), eval_data=HELD_OUT)
+    monkeypatch.undo()
+    assert len(caught.value.history) == stop - 1  # every completed step is kept...
+    assert caught.value.checkpoint.name == f"checkpoint-{stop - 1}"  # ...and on disk
+
+    model, tok = _model(lora)
+    resumed = train(model, tok, DATA, _config(tmp_path / "cut", **lr), eval_data=HELD_OUT,
+                    resume_from=True)
+    assert _without_timing(resumed) == _without_timing(whole)  # bit for bit, not approximately
+    assert math.isfinite(resumed[-1]["loss"])
+
+
+def test_save_steps_and_the_newest_k_checkpoints(tmp_path):
+    model, tok = _model(True)
+    train(model, tok, DATA, _config(tmp_path, max_steps=5, save_total_limit=2))
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["checkpoint-4", "checkpoint-5"]  # every 2 steps and at the end, newest 2
+    files = {p.name for p in (tmp_path / "checkpoint-5").iterdir()}
+    assert {"trainable.safetensors", "state.pt", "config.json", "history.json",
+            "adapter"} <= files
+    reloaded = load_adapter(tiny_model("gpt2", seed=0)[0], tmp_path / "checkpoint-5" / "adapter")
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            torch.testing.assert_close(dict(reloaded.named_parameters())[name], p, rtol=0, atol=0)
+
+
+def test_a_non_finite_loss_keeps_the_completed_steps(tmp_path, monkeypatch):
+    train_module = sys.modules["dpo_minimal.train"]  # the package exports the function `train`
+    step, calls = train_module.preference_step, []
+
+    def poisoned(policy, reference, batch, config):
+        calls.append(1)
+        losses, sums = step(policy, reference, batch, config)
+        return (losses * math.nan if len(calls) == 7 else losses), sums
+
+    monkeypatch.setattr(train_module, "preference_step", poisoned)
+    model, tok = _model(True)
+    with pytest.raises(NonFiniteLossError, match="step 3") as caught:
+        train(model, tok, DATA, _config(tmp_path))
+    assert len(caught.value.history) == 3
+    assert caught.value.checkpoint.name == "checkpoint-3"
+
+
+def test_resume_refuses_other_settings_and_missing_checkpoints(tmp_path):
+    model, tok = _model(True)
+    train(model, tok, DATA, _config(tmp_path, max_steps=2))
+    model, tok = _model(True)
+    with pytest.raises(ValueError, match="other settings.*beta"):
+        train(model, tok, DATA, _config(tmp_path, max_steps=2, beta=0.5), resume_from=True)
+    with pytest.raises(ValueError, match="not a checkpoint folder"):
+        train(model, tok, DATA, _config(tmp_path), resume_from=tmp_path / "checkpoint-9")
+    with pytest.raises(ValueError, match="holds no checkpoint"):
+        train(model, tok, DATA, _config(tmp_path / "empty"), resume_from=True)

@@ -1,0 +1,477 @@
+"""Hostile inputs: every bad input is refused up front, with an error that names the problem.
+
+Each case asserts the exception type and the words of its message: what is wrong (the field,
+the row, the file and line) and, where there is one, the fix. Training cases also check that
+nothing was trained before the refusal. Issue 16, item 4.
+"""
+
+import inspect
+import json
+import re
+from contextlib import contextmanager
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, LlamaConfig
+
+import dpo_minimal.data
+from dpo_minimal import (
+    add_lora,
+    dpo_loss,
+    evaluate,
+    load_preferences,
+    shipped_data_path,
+    tiny_model,
+    tokenize_preferences,
+)
+from dpo_minimal.adapters import load_adapter, save_adapter
+from dpo_minimal.losses import orpo_loss
+from dpo_minimal.memory import plan_memory
+from dpo_minimal.models import course_tokenizer
+from dpo_minimal.train import TrainConfig, train
+
+ROWS = load_preferences(shipped_data_path("train")).select(range(8)).to_list()
+ROW = {key: ROWS[0][key] for key in ("prompt", "chosen", "rejected")}
+SYSTEM = {"role": "system", "content": "Answer briefly."}
+USER = {"role": "user", "content": "Is the sky green?"}
+YES = {"role": "assistant", "content": "Yes, it is green."}
+NO = {"role": "assistant", "content": "No, it is usually blue."}
+
+
+def _all(*patterns: str) -> str:
+    """A regex that matches a message containing every pattern, in any order.
+
+    A pattern may start with "(?i)": that one alone is matched ignoring case.
+    """
+    scoped = [f"(?i:{p[4:]})" if p.startswith("(?i)") else f"(?:{p})" for p in patterns]
+    return "(?s)^" + "".join(f"(?=.*{p})" for p in scoped)
+
+
+def _config(**kwargs) -> TrainConfig:
+    """A run that would train in well under a second, if it were ever allowed to start."""
+    return TrainConfig(**{**dict(batch_size=2, max_steps=1, max_length=64, max_prompt_length=32,
+                                 progress=False), **kwargs})
+
+
+def _lora():
+    model, tok = tiny_model("gpt2")
+    return add_lora(model, r=4), tok
+
+
+@contextmanager
+def _refused_before_training(model, exc, pattern: str):
+    """pytest.raises, plus: no weight of `model` changed before the error was raised."""
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with pytest.raises(exc, match=pattern):
+        yield
+    changed = [name for name, p in model.named_parameters() if not torch.equal(p, before[name])]
+    assert not changed, f"trained before refusing: {changed[:3]}"
+
+
+# --- config: TrainConfig checks every field, its type and its combinations ----------------------
+
+CONFIG_CASES = [
+    (dict(max_grad_norm=0), _all("max_grad_norm", "None", "(?i)no clipping")),
+    (dict(max_grad_norm=-1), _all("max_grad_norm", "None", "(?i)no clipping")),
+    (dict(warmup_steps=-5), _all("warmup_steps", "-5")),
+    (dict(eval_batch_size=0), _all("eval_batch_size", ">= ?1|positive")),
+    (dict(batch_size=True), _all("batch_size", "int", "True")),
+    (dict(learning_rate="1e-4"), _all("learning_rate", "float", "1e-4")),
+    (dict(max_steps=2.5), _all("max_steps", "int", "2.5")),
+    (dict(gradient_checkpointing="false"), _all("gradient_checkpointing", "bool")),
+    (dict(max_length=256, max_prompt_length=256), _all("max_prompt_length", "max_length")),
+    (dict(max_length=128, max_prompt_length=300), _all("max_prompt_length", "max_length")),
+    (dict(beta=float("nan")), _all("beta", "nan")),
+    (dict(beta=float("inf")), _all("beta", "(?i)inf|finite")),
+    (dict(beta=0.0), _all("beta", "> ?0")),
+    (dict(label_smoothing=0.5), _all("label_smoothing", r"0\.5")),
+    (dict(label_smoothing=-0.1), _all("label_smoothing")),
+    (dict(loss_type="ipo", label_smoothing=0.1), _all("label_smoothing", "ipo")),
+    (dict(loss_type="Sigmoid"), _all("'Sigmoid'", "sigmoid")),
+    (dict(loss_type="DPO"), _all("'DPO'", "sigmoid")),
+    (dict(learning_rate=float("nan")), _all("learning_rate", "nan")),
+    (dict(gradient_accumulation_steps=0), _all("gradient_accumulation_steps")),
+    (dict(weight_decay=-0.1), _all("weight_decay")),
+    (dict(dtype="fp16"), _all("dtype", "'fp16'", "float16")),
+    (dict(lr_scheduler="cosine_with_restarts"), _all("lr_scheduler", "cosine_with_restarts")),
+    (dict(save_steps=10), _all("save_steps", "output_dir")),
+    (dict(output_dir="runs/x", save_total_limit=0), _all("save_total_limit")),
+    (dict(eval_every=-1), _all("eval_every")),
+    (dict(device="gpu"), _all("device", "'gpu'")),
+]
+
+
+@pytest.mark.parametrize("kwargs, words", CONFIG_CASES,
+                         ids=[",".join(f"{k}={v!r}" for k, v in c[0].items())
+                              for c in CONFIG_CASES])
+def test_config_refuses(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        TrainConfig(**kwargs)
+
+
+def test_config_unknown_keyword_is_named():
+    with pytest.raises(TypeError, match="'lr'"):  # Python's own error names the keyword
+        TrainConfig(lr=1e-4)
+
+
+def test_overlong_prompt_error_names_a_fix_that_exists():
+    long_row = {**ROW, "prompt": "word " * 50}
+    with pytest.raises(ValueError, match=_all("row 1", "max_length", r"drop_overlong=True")):
+        tokenize_preferences([ROW, long_row], course_tokenizer(), max_length=20)
+    assert TrainConfig(drop_overlong=True).drop_overlong is True  # the fix it names exists
+    assert "drop_overlong" in inspect.signature(tokenize_preferences).parameters
+
+
+# --- data: load_preferences, and the same checks in train() ------------------------------------
+
+DATA_CASES = [
+    ("reply_role_user",
+     {"prompt": [USER], "chosen": [{"role": "user", "content": "Yes."}], "rejected": [NO]},
+     _all("row 0", "chosen", "assistant")),
+    ("content_none",
+     {"prompt": [USER], "chosen": [YES], "rejected": [{"role": "assistant", "content": None}]},
+     _all("row 0", "rejected", "content", "(?i)str")),
+    ("content_int",
+     {"prompt": [{"role": "user", "content": 42}], "chosen": [YES], "rejected": [NO]},
+     _all("row 0", "prompt", "content", "(?i)str")),
+    ("content_empty",
+     {"prompt": [{"role": "user", "content": "  "}], "chosen": [YES], "rejected": [NO]},
+     _all("row 0", "prompt", "(?i)empty")),
+    ("unknown_role",
+     {"prompt": [{"role": "bot", "content": "hi"}, USER], "chosen": [YES], "rejected": [NO]},
+     _all("row 0", "'bot'", "role", "user")),
+    ("system_not_first",
+     {"prompt": [USER, SYSTEM], "chosen": [YES], "rejected": [NO]},
+     _all("row 0", "system", "(?i)first")),
+    ("prompt_ends_with_assistant",
+     {"prompt": [USER, NO], "chosen": [YES], "rejected": [NO]},
+     _all("row 0", "prompt", "(?i)order|alternat|last|end")),
+    ("different_system_in_chosen_and_rejected",
+     {"chosen": [SYSTEM, USER, YES], "rejected": [{**SYSTEM, "content": "Lie."}, USER, NO]},
+     _all("row 0", "(?i)system|prompt", "(?i)differ|same|share|match")),
+    ("different_user_turn_in_chosen_and_rejected",
+     {"chosen": [SYSTEM, USER, YES], "rejected": [SYSTEM, {**USER, "content": "Is it red?"}, NO]},
+     _all("row 0", "(?i)prompt|user", "(?i)differ|same|share|match")),
+    ("prompt_messages_chosen_string",
+     {"prompt": [USER], "chosen": "Yes, it is green.", "rejected": "No, it is blue."},
+     _all("row 0", "(?i)format|message|list|conversational")),
+    ("chosen_equals_rejected_up_to_spaces",
+     {"prompt": "q", "chosen": "The same answer.", "rejected": "  The same answer. "},
+     _all("row 0", "chosen == rejected|identical|same")),
+    ("non_string_response",
+     {"prompt": "q", "chosen": 5, "rejected": "b"}, _all("row 0", "chosen", "(?i)str")),
+    ("missing_column", {"prompt": "q", "chosen": "a"}, _all("row 0", "rejected", "(?i)missing")),
+    ("empty_response", {"prompt": "q", "chosen": "a", "rejected": ""},
+     _all("row 0", "rejected", "(?i)empty")),
+]
+
+
+@pytest.mark.parametrize("row, words", [c[1:] for c in DATA_CASES], ids=[c[0] for c in DATA_CASES])
+def test_bad_row_is_refused(row, words):
+    with pytest.raises(ValueError, match=words):
+        load_preferences([row])
+
+
+@pytest.mark.parametrize("rows, words", [
+    ([], "(?i)empty"),
+    (["a string, not a row"], _all("row 0", "dict")),
+    ([ROW, ["prompt", "chosen", "rejected"]], _all("row 1", "dict")),
+], ids=["empty", "string_row", "list_row"])
+def test_bad_data_set_is_refused(rows, words):
+    with pytest.raises(ValueError, match=words):
+        load_preferences(rows)
+
+
+def test_unknown_prompt_template_field_is_named():
+    with pytest.raises(ValueError, match=_all("prompt_template", "question", r"\{prompt\}")):
+        load_preferences([ROW], prompt_template="Q: {question}\nA:")
+
+
+def _write_lines(path, lines):
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_broken_jsonl_line_names_file_and_line(tmp_path):
+    path = _write_lines(tmp_path / "prefs.jsonl", [json.dumps(ROW), '{"prompt": "q", "chosen": '])
+    with pytest.raises(ValueError, match=_all(r"prefs\.jsonl", r"line 2\b")):
+        load_preferences(path)
+
+
+def test_bad_row_in_file_names_file_and_line(tmp_path):
+    same = {**ROW, "rejected": ROW["chosen"]}
+    path = _write_lines(tmp_path / "prefs.jsonl", [json.dumps(ROW), "", json.dumps(same)])
+    with pytest.raises(ValueError, match=_all(r"prefs\.jsonl", r"line 3\b",
+                                              "chosen == rejected|identical|same")):
+        load_preferences(path)
+
+
+def test_non_object_line_names_file_and_line(tmp_path):
+    path = _write_lines(tmp_path / "prefs.jsonl", [json.dumps(ROW), "[1, 2, 3]"])
+    with pytest.raises(ValueError, match=_all(r"prefs\.jsonl", r"line 2\b", "(?i)dict|object")):
+        load_preferences(path)
+
+
+def test_broken_json_file_is_named(tmp_path):
+    path = tmp_path / "prefs.json"
+    path.write_text('[{"prompt": "q", "chosen": "a" "rejected": "b"}]', encoding="utf-8")
+    with pytest.raises(ValueError, match=_all(r"prefs\.json", "(?i)json")):
+        load_preferences(path)
+
+
+def test_json_file_that_is_not_a_list(tmp_path):
+    path = tmp_path / "prefs.json"
+    path.write_text(json.dumps(ROW), encoding="utf-8")
+    with pytest.raises(ValueError, match=_all(r"prefs\.json", "list")):
+        load_preferences(path)
+
+
+def test_empty_file_is_refused(tmp_path):
+    path = _write_lines(tmp_path / "prefs.jsonl", ["", "   "])
+    with pytest.raises(ValueError, match="(?i)empty"):
+        load_preferences(path)
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    """Any attempt to reach the Hub fails the test loudly."""
+    def hub(*args, **kwargs):
+        raise AssertionError(f"sent to the Hub: {args}")
+    monkeypatch.setattr("datasets.load_dataset", hub)
+    monkeypatch.setattr(dpo_minimal.data, "load_dataset", hub, raising=False)
+
+
+@pytest.mark.parametrize("source", ["data/train.josnl", "./my_prefs", "data/trian.jsonl"])
+def test_missing_local_path_is_never_sent_to_the_hub(source, tmp_path, monkeypatch, no_hub):
+    monkeypatch.chdir(tmp_path)
+    name = re.escape(source.split("/")[-1])
+    with pytest.raises((FileNotFoundError, ValueError),
+                       match=_all(name, "(?i)does not exist|no such file|not found")):
+        load_preferences(source)
+
+
+# --- tokenizer ---------------------------------------------------------------------------------
+
+def test_tokenizer_without_pad_token():
+    model, _ = _lora()
+    tok = course_tokenizer()
+    tok.pad_token = None
+    with _refused_before_training(model, ValueError, _all("pad", "pad_token = ")):
+        train(model, tok, ROWS, _config())
+
+
+def test_tokenizer_without_eos_token():
+    model, _ = _lora()
+    tok = course_tokenizer()
+    tok.eos_token = None
+    with _refused_before_training(model, ValueError, "EOS|eos"):
+        train(model, tok, ROWS, _config())
+
+
+# --- training: train() and evaluate() check everything before any work --------------------------
+
+def test_train_on_raw_rows_with_chosen_equal_rejected():
+    model, tok = _lora()
+    rows = [dict(row) for row in ROWS]
+    rows[3]["rejected"] = rows[3]["chosen"]
+    with _refused_before_training(model, ValueError,
+                                  _all("row 3", "chosen == rejected|identical|same")):
+        train(model, tok, rows, _config())
+
+
+@pytest.mark.parametrize("rows, words", [
+    ([], "(?i)empty"),
+    (["not a row"] * 4, _all("row 0", "dict")),
+    ([{"prompt": "q", "chosen": "a"}] * 4, _all("row 0", "rejected")),
+], ids=["empty", "strings", "missing_column"])
+def test_train_on_bad_raw_rows(rows, words):
+    model, tok = _lora()
+    with _refused_before_training(model, ValueError, words):
+        train(model, tok, rows, _config())
+
+
+def test_bad_eval_data_is_refused_before_training():
+    model, tok = _lora()
+    bad = [{"prompt": "q", "chosen": "same", "rejected": "same"}]
+    with _refused_before_training(model, ValueError, "chosen == rejected|identical|same"):
+        train(model, tok, ROWS, _config(), eval_data=bad)
+
+
+def test_max_length_beyond_the_model_context():
+    model, tok = _lora()
+    context = model.config.n_positions  # 512 for tiny_model("gpt2")
+    with _refused_before_training(model, ValueError,
+                                  _all("max_length", str(2 * context), str(context))):
+        train(model, tok, ROWS, _config(max_length=2 * context))
+
+
+def test_evaluate_checks_max_length_too():
+    model, tok = _lora()
+    context = model.config.n_positions
+    with pytest.raises(ValueError, match=_all("max_length", str(context))):
+        evaluate(model, tok, ROWS, _config(max_length=2 * context))
+
+
+def test_model_without_trainable_parameters():
+    model, tok = tiny_model("gpt2")
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match=_all("(?i)no trainable parameters", "add_lora")):
+        train(model, tok, ROWS, _config())
+
+
+def test_batch_size_larger_than_the_data():
+    model, tok = _lora()
+    with _refused_before_training(model, ValueError, _all("batch_size", "pairs")):
+        train(model, tok, ROWS, _config(batch_size=64))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_device_on_a_cpu_machine():
+    model, tok = _lora()
+    with _refused_before_training(model, ValueError, _all("cuda", "(?i)cpu|available")):
+        train(model, tok, ROWS, _config(device="cuda"))
+
+
+def test_float16_on_cpu():
+    model, tok = _lora()
+    with _refused_before_training(model, ValueError, _all("float16", "(?i)cuda|gpu")):
+        train(model, tok, ROWS, _config(dtype="float16", device="cpu"))
+
+
+def test_resume_from_a_missing_checkpoint(tmp_path):
+    model, tok = _lora()
+    missing = tmp_path / "checkpoint-7"
+    with _refused_before_training(model, (FileNotFoundError, ValueError), "checkpoint-7"):
+        train(model, tok, ROWS, _config(), resume_from=missing)
+
+
+def test_resume_true_without_output_dir():
+    model, tok = _lora()
+    with _refused_before_training(model, ValueError, "output_dir"):
+        train(model, tok, ROWS, _config(), resume_from=True)
+
+
+def test_resume_true_with_no_checkpoint_in_output_dir(tmp_path):
+    model, tok = _lora()
+    config = _config(output_dir=str(tmp_path), save_steps=1)
+    with _refused_before_training(model, (FileNotFoundError, ValueError),
+                                  _all("(?i)checkpoint", re.escape(tmp_path.name))):
+        train(model, tok, ROWS, config, resume_from=True)
+
+
+# --- loss: dpo_loss and orpo_loss refuse what would silently give NaN ---------------------------
+
+LOGPS = dict(policy_chosen_logps=torch.tensor([-5.0, -6.0]),
+             policy_rejected_logps=torch.tensor([-7.0, -6.5]),
+             reference_chosen_logps=torch.tensor([-5.5, -6.0]),
+             reference_rejected_logps=torch.tensor([-6.5, -6.0]))
+
+LOSS_CASES = [
+    ("nan_logps", dict(policy_chosen_logps=torch.tensor([float("nan"), -6.0])),
+     ValueError, _all("policy_chosen_logps", "(?i)nan|finite")),
+    ("inf_logps", dict(reference_rejected_logps=torch.tensor([-6.5, float("inf")])),
+     ValueError, _all("reference_rejected_logps", "(?i)inf|finite")),
+    ("beta_nan", dict(beta=float("nan")), ValueError, _all("beta", "nan")),
+    ("beta_inf", dict(beta=float("inf")), ValueError, _all("beta", "(?i)inf|finite")),
+    ("label_smoothing_half", dict(label_smoothing=0.5), ValueError, "label_smoothing"),
+    ("loss_type_case", dict(loss_type="IPO"), ValueError, _all("'IPO'", "ipo")),
+    ("integer_tensors", {k: v.long() for k, v in LOGPS.items()}, ValueError, "(?i)float"),
+    ("python_lists", {k: v.tolist() for k, v in LOGPS.items()}, (TypeError, ValueError),
+     "(?i)tensor"),
+    ("empty_batch", {k: v[:0] for k, v in LOGPS.items()}, ValueError, "(?i)empty|B ?>= ?1"),
+    ("two_dim", {k: v[None] for k, v in LOGPS.items()}, ValueError, "1-D"),
+]
+
+
+@pytest.mark.parametrize("override, exc, words", [c[1:] for c in LOSS_CASES],
+                         ids=[c[0] for c in LOSS_CASES])
+def test_dpo_loss_refuses(override, exc, words):
+    with pytest.raises(exc, match=words):
+        dpo_loss(**{**LOGPS, **override})
+
+
+def test_orpo_loss_refuses_positive_log_probs():
+    # a log-probability is <= 0; a positive one (logits or probabilities passed by mistake)
+    # makes ORPO's log(1 - p) NaN
+    lengths = torch.tensor([4.0, 4.0])
+    with pytest.raises(ValueError, match=_all("(?i)log-?prob", "<= ?0|positive|negative")):
+        orpo_loss(torch.tensor([0.5, -2.0]), torch.tensor([-3.0, -4.0]), lengths, lengths)
+
+
+# --- adapters: load_adapter refuses one that does not fit, and says why -------------------------
+
+@pytest.fixture(scope="module")
+def gpt2_adapter(tmp_path_factory):
+    model, _ = _lora()  # 4 layers, width 128
+    return save_adapter(model, tmp_path_factory.mktemp("adapters") / "gpt2-4-layers")
+
+
+def _gpt2(**overrides):
+    _, tok = tiny_model("gpt2")
+    base = dict(n_embd=128, n_layer=4, n_head=4, n_positions=512, vocab_size=len(tok))
+    return GPT2LMHeadModel(GPT2Config(**{**base, **overrides}))
+
+
+def test_adapter_with_more_layers_than_the_model(gpt2_adapter):
+    with pytest.raises(ValueError, match=_all("(?i)layer", r"\b4\b", r"\b2\b")):
+        load_adapter(_gpt2(n_layer=2), gpt2_adapter)
+
+
+def test_adapter_with_other_shapes(gpt2_adapter):
+    with pytest.raises(ValueError, match=_all("(?i)shape|size|width", "128", "64")):
+        load_adapter(_gpt2(n_embd=64), gpt2_adapter)
+
+
+def test_phi_adapter_into_gpt2(tmp_path):
+    phi, _ = tiny_model("phi")
+    path = save_adapter(add_lora(phi, r=4), tmp_path / "phi")
+    with pytest.raises(ValueError, match=_all("phi", "gpt2")):
+        load_adapter(tiny_model("gpt2")[0], path)
+
+
+def test_adapter_path_that_does_not_exist(tmp_path):
+    with pytest.raises((FileNotFoundError, ValueError), match="no-such-adapter"):
+        load_adapter(tiny_model("gpt2")[0], tmp_path / "no-such-adapter")
+
+
+# --- memory planner ----------------------------------------------------------------------------
+
+SMALL_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
+
+
+def test_plan_memory_on_llama_plans():
+    plan = plan_memory(LlamaConfig(**SMALL_LLAMA), batch_pairs=1, seq_len=64, dtype="bfloat16")
+    assert plan["total"] > plan["weights"] > 0
+
+
+def test_plan_memory_on_unknown_family_recommends_only_real_parameters():
+    config = GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, vocab_size=256)
+    with pytest.raises(ValueError, match="gpt_neox") as err:
+        plan_memory(config, batch_pairs=1, seq_len=64, dtype="float16")
+    named = set(re.findall(r"\b([a-z_]+)=", str(err.value)))
+    assert named, f"the error names no fix: {err.value}"
+    assert named <= set(inspect.signature(plan_memory).parameters), named
+
+
+MEMORY_CASES = [
+    (dict(batch_pairs=0), "batch_pairs"),
+    (dict(seq_len=64.5), _all("seq_len", "int")),
+    (dict(batch_pairs=True), _all("batch_pairs", "int")),
+    (dict(dtype="fp16"), _all("dtype", "'fp16'", "float16")),
+    (dict(dtype=torch.int8), _all("dtype", "int8")),
+    (dict(lora_r=-1), "lora_r"),
+    (dict(response_fraction=1.5), "response_fraction"),
+    (dict(attn_implementation="flash"), _all("attn_implementation", "sdpa")),
+    (dict(cuda_context_gib=-1.0), "cuda_context_gib"),
+]
+
+
+@pytest.mark.parametrize("override, words", MEMORY_CASES,
+                         ids=[",".join(f"{k}={v!r}" for k, v in c[0].items())
+                              for c in MEMORY_CASES])
+def test_plan_memory_refuses(override, words):
+    kwargs = {**dict(batch_pairs=1, seq_len=64, dtype="float16"), **override}
+    with pytest.raises(ValueError, match=words):
+        plan_memory(GPT2Config(n_embd=64, n_layer=2, n_head=4), **kwargs)
