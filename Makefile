@@ -44,6 +44,7 @@ test: lint unit nbval nbval-portable
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) scripts/slide_metadata.py --check $(NOTEBOOKS)
 
 unit: $(STAMP)
 	$(PY) -m pytest tests/ -q
