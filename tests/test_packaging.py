@@ -38,7 +38,9 @@ def test_shipped_assets_are_package_data():
     pkg = ROOT / "dpo_minimal"
     shipped = {p.relative_to(pkg).as_posix() for pattern in patterns for p in pkg.glob(pattern)}
     assert {"tokenizer/tokenizer.json", "data/truthy_mini_train.jsonl",
-            "data/truthy_mini_test.jsonl", "data/conversations_mini.jsonl"} <= shipped
+            "data/truthy_mini_test.jsonl", "data/conversations_mini.jsonl",
+            "tokenizer/chat_template.jinja", "pretrained/gpt2/model.safetensors",
+            "pretrained/gpt2/config.json", "data/task_prefs_train.jsonl"} <= shipped
 
 
 def test_readme_commands_and_colab_badges():
@@ -56,8 +58,18 @@ def test_readme_commands_and_colab_badges():
 
 
 def test_python_lines_within_100_characters():
-    files = [*ROOT.glob("dpo_minimal/*.py"), *ROOT.glob("tests/*.py"), *ROOT.glob("scripts/*.py"),
-             *ROOT.glob("benchmarks/*.py")]
+    files = [*ROOT.glob("dpo_minimal/**/*.py"), *ROOT.glob("tests/*.py"),
+             *ROOT.glob("scripts/*.py"), *ROOT.glob("benchmarks/*.py")]
     long = [f"{f.name}:{i}" for f in files
             for i, line in enumerate(f.read_text().splitlines(), 1) if len(line) > 100]
     assert not long, long
+
+
+def test_every_subpackage_is_installed():
+    # A subpackage missing from [tool.setuptools] packages works in an editable install and
+    # is absent from a real one (pip install git+...): the course labs would not import.
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    listed = set(project["tool"]["setuptools"]["packages"])
+    inits = (ROOT / "dpo_minimal").rglob("__init__.py")
+    found = {p.parent.relative_to(ROOT).as_posix().replace("/", ".") for p in inits}
+    assert found == listed

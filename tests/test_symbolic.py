@@ -1,5 +1,5 @@
-"""The derivation of notebook 02, re-checked: each identity of dpo_minimal.course.symbolic, against the
-formula written out here, and against numbers."""
+"""The derivation of notebook 02, re-checked: each identity of dpo_minimal.course.symbolic,
+against the formula written out here, and against numbers."""
 
 import math
 
