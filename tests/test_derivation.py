@@ -4,8 +4,8 @@ display follows the contract the slides builder reads."""
 import pytest
 import sympy as sp
 
-from dpo_minimal.course import symbolic
 from dpo_minimal.course import derivation as D
+from dpo_minimal.course import symbolic
 from dpo_minimal.course.derivation import (
     DerivationError,
     add,

@@ -3,11 +3,10 @@ hidden but complete, one run time per notebook, one repository URL."""
 
 import json
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
-
+import tomllib
 from notebook_tools import EXERCISE, cell_source, is_solution, solution_code
 
 ROOT = Path(__file__).resolve().parents[1]

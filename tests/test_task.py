@@ -14,7 +14,9 @@ from transformers import GPT2LMHeadModel
 from dpo_minimal import add_lora, load_preferences, tiny_model
 from dpo_minimal.course import task
 from dpo_minimal.data import DATA_DIR
-from dpo_minimal.models import PRETRAINED_DIR
+from dpo_minimal.models import PRETRAINED_DIR as SHIPPED
+
+PRETRAINED_DIR = SHIPPED / "gpt2"
 
 ROOT = Path(__file__).resolve().parents[1]
 AUS = task.render("What is the capital of Australia?")
