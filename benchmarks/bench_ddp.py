@@ -11,6 +11,7 @@ global batch; two processes (torchrun, gloo) run with 1 thread each and half of 
 a step is its `step_seconds` in the History (rank 0's: it includes waiting for the other
 process in the all-reduce); a run's figure is the median over its steps after the first
 `--warmup`. Runs alternate between the sides, and each cell is min / median over `--repeats`.
+For context, one process with one thread (half the threads) is timed too.
 """
 
 import argparse
@@ -30,6 +31,7 @@ SEED = 0
 GLOBAL_BATCH = 8  # pairs per optimiser step
 MAX_LENGTH, MAX_PROMPT_LENGTH = 128, 64
 # tiny: tiny_model("gpt2") (4 layers, width 128); small: GPT-2 with 6 layers of width 384.
+SIDES = ((1, 2), (2, 1), (1, 1))  # (processes, torch threads per process)
 MODELS = {"tiny": "tiny_model('gpt2'): 4 layers, width 128",
           "small": "GPT-2, 6 layers, width 384, 6 heads (random init)"}
 
@@ -71,14 +73,30 @@ def worker(args) -> None:
                                       "loss": [row["loss"] for row in history]}))
 
 
+READING = """## Reading the table
+
+- Both sides train the same thing: the loss column compares their Histories step by step.
+- Two processes of one thread each never wait for a second thread of their own; they meet a
+  few times per micro-batch and step: the finite-loss check, the gather of new reference
+  log-probs, the all-reduce of the LoRA gradients (131,072 float32 values for the tiny model)
+  and of the metrics.
+- One process with two threads meets its second thread at every parallel operator, thousands
+  of times per step. On a machine shared with other jobs, as this one was, the second thread is
+  often descheduled and the first waits for it: that process is then much slower than one
+  thread alone, and its times vary widely from run to run. The context column (one process,
+  one thread) shows the per-thread speed without that effect.
+- What the second process buys over one thread alone: the 2-process column against the
+  context column (perfect scaling would halve the time).
+"""
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _run(model: str, processes: int, steps: int, warmup: int) -> dict:
-    threads = 2 // processes
+def _run(model: str, processes: int, threads: int, steps: int, warmup: int) -> dict:
     worker_args = [str(Path(__file__).resolve()), "--worker", "--model", model, "--threads",
                    str(threads), "--batch-size", str(GLOBAL_BATCH // processes), "--steps",
                    str(steps), "--warmup", str(warmup)]
@@ -125,25 +143,26 @@ def main() -> None:
     start, load_start = time.time(), os.getloadavg()
     rows = []
     for model in args.models:
-        times, losses = {1: [], 2: []}, {}
+        times, losses = {side: [] for side in SIDES}, {}
         for _ in range(args.repeats):
-            for processes in (1, 2):  # alternate, so that a busy minute hits both sides
-                result = _run(model, processes, args.steps, args.warmup)
-                times[processes].append(result["median"])
-                losses[processes] = result["loss"]
-                print(f"{model}: {processes} process(es): {result['median']:.4f} s/step",
-                      flush=True)
-        gap = max(abs(a - b) for a, b in zip(losses[1], losses[2]))
-        ratios = [two / one for one, two in zip(times[1], times[2])]
+            for side in SIDES:  # alternate, so that a busy minute hits every side
+                result = _run(model, *side, args.steps, args.warmup)
+                times[side].append(result["median"])
+                losses[side] = result["loss"]
+                print(f"{model}: {side[0]} process(es) x {side[1]} thread(s): "
+                      f"{result['median']:.4f} s/step", flush=True)
+        gap = max(abs(a - b) for a, b in zip(losses[(1, 2)], losses[(2, 1)]))
+        ratios = [two / one for one, two in zip(times[(1, 2)], times[(2, 1)])]
         rows.append((model, times, ratios, gap))
-    table = ["| model | 1 process x 2 threads, s / global batch: min / median | "
-             "2 processes x 1 thread: min / median | ratio 2p / 1p: min / median "
-             "(run by run) | largest loss difference |", "|---|---|---|---|---|"]
+    table = ["| model | 1 process x 2 threads: s per global batch, min / median | "
+             "2 processes x 1 thread | ratio 2p / 1p, run by run: min / median | "
+             "largest loss difference 2p vs 1p | context: 1 process x 1 thread |",
+             "|---|---|---|---|---|---|"]
     for model, times, ratios, gap in rows:
         cell = lambda xs: f"{min(xs):.4f} / {statistics.median(xs):.4f}"  # noqa: E731
-        table.append(f"| {MODELS[model]} | {cell(times[1])} | {cell(times[2])} | "
+        table.append(f"| {MODELS[model]} | {cell(times[(1, 2)])} | {cell(times[(2, 1)])} | "
                      f"**{min(ratios):.2f}x** / **{statistics.median(ratios):.2f}x** | "
-                     f"{gap:.1e} |")
+                     f"{gap:.1e} | {cell(times[(1, 1)])} |")
     notes = [
         f"- Global batch {GLOBAL_BATCH} pairs, at most {MAX_LENGTH} tokens per row (the shipped "
         f"data), LoRA r=16 on c_attn, c_proj, c_fc; {args.steps} steps per run, the first "
@@ -163,7 +182,7 @@ def main() -> None:
             f"Written by `{command.strip()}` on "
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Ratios below 1 mean two "
             "processes finish a global batch faster than one process with both threads.\n\n"
-            + text + "\n")
+            + text + "\n\n" + READING)
 
 
 if __name__ == "__main__":

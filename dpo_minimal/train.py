@@ -6,6 +6,7 @@ a `Reference` for the log-probs of pi_ref, and `preference_step` (the loss and i
 
 import json
 import math
+import os
 import resource
 import shutil
 import sys
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .adapters import save_adapter
 from .data import check_pad_token, collate_pairs, load_preferences, tokenize_preferences
-from .logprobs import DTYPES, _is_peft, batch_logps
+from .logprobs import DTYPES, _is_peft, batch_logps, response_logps
 from .losses import LOSSES, check_loss_settings
 from .models import fused_gelu
 
@@ -31,27 +32,29 @@ SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with
 class TrainConfig:
     """Everything a DPO run depends on. Same config, data and seed give the same losses (CPU)."""
 
-    beta: float = 0.1
-    learning_rate: float = 5e-4  # LoRA; full fine-tuning wants ~1e-6 (TRL's default)
-    batch_size: int = 4  # pairs per micro-batch
-    gradient_accumulation_steps: int = 1
-    max_length: int = 256
-    max_prompt_length: int = 128
+    # Each field's comment is its help text in the command line (dpo_minimal.cli).
+    beta: float = 0.1  # strength of the KL penalty: larger keeps the policy nearer the reference
+    learning_rate: float = 5e-4  # AdamW's peak rate; LoRA ~5e-4, full fine-tuning ~1e-6 (TRL's)
+    batch_size: int = 4  # pairs per micro-batch, per process
+    gradient_accumulation_steps: int = 1  # micro-batches per optimiser step
+    max_length: int = 256  # tokens of prompt + response; responses are cut from the right
+    max_prompt_length: int = 128  # prompt tokens kept, cut from the left
     max_steps: int = 100  # optimiser steps
     loss_type: str = "sigmoid"  # a key of dpo_minimal.losses.LOSSES
-    label_smoothing: float = 0.0
-    simpo_gamma: float = 0.5
-    seed: int = 0
-    dtype: str = "float32"  # float32 | float16 (CUDA, with a GradScaler) | bfloat16
-    gradient_checkpointing: bool = False
-    warmup_steps: int = 0
+    label_smoothing: float = 0.0  # assumed share of flipped labels (cDPO / robust DPO)
+    simpo_gamma: float = 0.5  # SimPO's target reward margin
+    seed: int = 0  # data order and torch's random state
+    dtype: str = "float32"  # compute dtype (autocast); float16 needs CUDA (GradScaler)
+    gradient_checkpointing: bool = False  # recompute activations in the backward: less memory
+    warmup_steps: int = 0  # steps of linear learning-rate warmup
     lr_scheduler: str = "cosine"  # cosine | linear | constant, after a linear warmup
-    max_grad_norm: float | None = 1.0  # None: no clipping
-    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0  # clip the gradient norm to this (None: no clipping)
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
     eval_every: int = 0  # evaluate on eval_data every N steps (0: only at the end)
-    eval_batch_size: int = 8
-    device: str | None = None  # default: the model's device
-    progress: bool = True
+    eval_batch_size: int = 8  # pairs per evaluation batch
+    device: str | None = None  # where to train (None: the model's device)
+    progress: bool = True  # show a tqdm progress bar
+    logging_steps: int = 0  # print a line of metrics every N steps (0: never)
     fused_gelu: bool = True  # run gelu_new as one kernel (models.fused_gelu): faster, less memory
     cache_reference: bool = True  # keep each pair's reference log-probs after their first pass
     drop_overlong: bool = False  # drop pairs whose prompt fills max_length (else raise)
@@ -81,7 +84,7 @@ class TrainConfig:
                      "max_prompt_length", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
-        for name in ("warmup_steps", "eval_every", "save_steps", "seed"):
+        for name in ("warmup_steps", "eval_every", "save_steps", "seed", "logging_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
@@ -181,7 +184,7 @@ class Reference:
         reference = cls(cache=torch.zeros(len(pairs), 2))
         for chunk in _in_order(pairs, batch_size):
             batch = _collate(chunk, tokenizer)
-            reference._store(batch, batch_logps(model, batch, dtype))
+            reference._store(batch, _logps(model, batch, dtype))
         model.train(was_training)
         return reference
 
@@ -194,10 +197,10 @@ class Reference:
                 device = next(policy.parameters()).device
                 return torch.cat([cached[:, 0], cached[:, 1]]).to(device)
         if self.model is not None:
-            logps = batch_logps(self.model, batch, dtype)
+            logps = _logps(self.model, batch, dtype)
         elif _is_peft(policy):
             with policy.disable_adapter():
-                logps = batch_logps(policy, batch, dtype)
+                logps = _logps(policy, batch, dtype)
         else:
             raise ValueError("no reference: pass a peft model (its adapter is disabled for the "
                              "reference), a reference model, or a frozen cache.")
@@ -259,15 +262,20 @@ def _in_order(pairs: list, batch_size: int):
 class _Batches:
     """Batches of pairs forever, reshuffled each epoch by a seeded sampler (ragged tails dropped).
 
+    With `world` processes, every process draws the same global batch of `batch_size * world`
+    pairs and keeps its own `batch_size` of them (process `rank` the rank-th slice), so the pairs
+    of a step do not depend on the number of processes, only on the global batch.
     Its position (the sampler's generator at the start of the epoch, and the batches taken
     since) is saved in a checkpoint and restored exactly.
     """
 
-    def __init__(self, pairs: list, batch_size: int, seed: int):
-        if len(pairs) < batch_size:
-            raise ValueError(f"batch_size={batch_size} exceeds the {len(pairs)} training pairs: "
-                             "lower batch_size or add data.")
-        self.pairs, self.batch_size = pairs, batch_size
+    def __init__(self, pairs: list, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        if len(pairs) < batch_size * world:
+            processes = f" x {world} processes" if world > 1 else ""
+            raise ValueError(f"batch_size={batch_size}{processes} exceeds the {len(pairs)} "
+                             "training pairs: lower batch_size or add data.")
+        self.pairs, self.batch_size = pairs, batch_size * world
+        self.mine = slice(rank * batch_size, (rank + 1) * batch_size)
         self.generator = torch.Generator().manual_seed(seed)
         self._epoch = None
 
@@ -284,7 +292,7 @@ class _Batches:
             self._epoch = None
             return next(self)
         self.taken += 1
-        return [self.pairs[i] for i in indices]
+        return [self.pairs[i] for i in indices[self.mine]]
 
     def state(self) -> dict:
         if self._epoch is None:
@@ -296,6 +304,85 @@ class _Batches:
         self._start_epoch()
         for _ in range(state["taken"]):
             next(self)
+
+
+class _World:
+    """This process's place in a data-parallel run; rank 0 of 1 when it runs alone.
+
+    Under `accelerate launch` or `torchrun` (WORLD_SIZE > 1 in the environment) the process
+    group is joined here unless the caller joined one: gloo for CPU tensors, NCCL for CUDA ones.
+    Alone, every method returns its input untouched, so a one-process run computes exactly what
+    it computed before data parallelism existed.
+    """
+
+    def __init__(self, device: torch.device):
+        import torch.distributed as dist
+
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+            dist.init_process_group("cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo")
+        joined = dist.is_available() and dist.is_initialized()
+        self.dist, self.rank = dist, dist.get_rank() if joined else 0
+        self.size = dist.get_world_size() if joined else 1
+        # NCCL moves CUDA tensors only; gloo moves CPU ones.
+        nccl = joined and "nccl" in str(dist.get_backend())
+        self.device = device if nccl and device.type == "cuda" else torch.device("cpu")
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Each value summed over the processes."""
+        if self.size == 1:
+            return values
+        total = torch.tensor(values, dtype=torch.float64, device=self.device)
+        self.dist.all_reduce(total)
+        return total.tolist()
+
+    def max(self, value: float) -> float:
+        if self.size == 1:
+            return value
+        top = torch.tensor([value], dtype=torch.float64, device=self.device)
+        self.dist.all_reduce(top, op=self.dist.ReduceOp.MAX)
+        return top.item()
+
+    def all_finite(self, loss: torch.Tensor) -> bool:
+        """Whether every process's loss is finite: all of them stop together, or none does."""
+        finite = bool(torch.isfinite(loss))
+        return finite if self.size == 1 else self.sum([float(not finite)])[0] == 0
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every process's `tensor` (one shape everywhere), concatenated along dim 0 by rank."""
+        local = tensor.to(self.device)
+        parts = [torch.empty_like(local) for _ in range(self.size)]
+        self.dist.all_gather(parts, local)
+        return torch.cat(parts).to(tensor.device)
+
+    @torch.no_grad()
+    def average_gradients(self, params: list) -> None:
+        """Replace each gradient by its mean over the processes (flat buckets, few messages).
+
+        Each process's loss is the mean over its own pairs, so the mean of the gradients is the
+        gradient of the mean over the global batch: what one process would compute on it all.
+        """
+        if self.size == 1:
+            return
+        buckets, size = [[]], 0
+        for grad in (p.grad for p in params if p.grad is not None):
+            if buckets[-1] and (size + grad.numel() > 2**25 or grad.dtype != buckets[-1][0].dtype):
+                buckets, size = buckets + [[]], 0
+            buckets[-1].append(grad)
+            size += grad.numel()
+        for bucket in filter(None, buckets):
+            flat = torch.cat([g.reshape(-1) for g in bucket]).to(self.device)
+            self.dist.all_reduce(flat)
+            flat /= self.size
+            for grad, part in zip(bucket, flat.split([g.numel() for g in bucket])):
+                grad.copy_(part.view_as(grad))
+
+    @torch.no_grad()
+    def broadcast(self, params: list) -> None:
+        """Give every process rank 0's values (each may have drawn its own LoRA init)."""
+        for p in params if self.size > 1 else ():
+            value = p.detach().to(self.device)
+            self.dist.broadcast(value, 0)
+            p.copy_(value)
 
 
 def _peak_memory_gib(device: torch.device) -> float:
@@ -322,12 +409,77 @@ def _evaluate_pairs(model, tokenizer, pairs, config, reference: Reference) -> di
     totals = {}
     for chunk in _in_order(pairs, config.eval_batch_size):
         batch = _collate(chunk, tokenizer)
-        policy, entropy = batch_logps(model, batch, config.dtype, with_entropy=True)
+        policy, entropy = _logps(model, batch, config.dtype, with_entropy=True)
         ref = reference.logps(model, batch, config.dtype) if _needs_reference(config) else None
         _add(totals, preference_step(policy, ref, batch, config)[1])
         _add(totals, {"entropy": entropy.item() * len(chunk)})
     model.train(was_training)
     return _mean(totals, len(pairs))
+
+
+def _is_fsdp(model) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch build without torch.distributed
+        return False
+    return isinstance(model, FSDPModule)
+
+
+def _logps(model, batch: dict, dtype: str, with_entropy: bool = False):
+    """`batch_logps`; a model sharded by FSDP goes through its own forward, whose hooks gather
+    the shards (batch_logps' shortcut to the head would skip the root's embeddings and head)."""
+    if not _is_fsdp(model):
+        return batch_logps(model, batch, dtype, with_entropy=with_entropy)
+    device = next(model.parameters()).device
+    ids, mask = batch["input_ids"].to(device), batch["loss_mask"].to(device)[:, 1:].bool()
+    with torch.autocast(device.type, DTYPES[dtype], enabled=dtype != "float32"):
+        logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device),
+                       use_cache=False).logits
+    picked = logits[:, :-1][mask].float()
+    logps = response_logps(picked, ids[:, 1:][mask], mask)
+    if not with_entropy:
+        return logps
+    log_probs = picked.log_softmax(-1)
+    return logps, -(log_probs.exp() * log_probs).sum(-1).mean()
+
+
+def shard_fsdp(model, dtype: str = "float32"):
+    """Shard a model for full fine-tuning over the processes with FSDP (torch's fully_shard).
+
+    Each decoder block (transformers' `_no_split_modules`) is one shard group and the rest
+    (embeddings, final norm, head) the root: every process keeps 1/N of the float32 weights,
+    gradients and AdamW state, and gathers one block at a time to compute, in `dtype` (pass
+    TrainConfig.dtype: "bfloat16" gathers bfloat16 copies and reduces gradients in float32).
+    Joins the process group (gloo on CPU, NCCL on CUDA) if needed; call it in every process,
+    before `train`. Checkpoints and resuming are not supported under FSDP (save_steps=0).
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if _is_peft(model):
+        raise ValueError("shard_fsdp shards full fine-tuning; a LoRA model trains data "
+                         "parallel without it (its adapters are small).")
+    device = next(model.parameters()).device
+    _World(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    policy = MixedPrecisionPolicy(param_dtype=DTYPES[dtype], reduce_dtype=torch.float32)
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    for module in model.modules():
+        if type(module).__name__ in blocks:
+            fully_shard(module, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+def full_state_dict(model) -> dict | None:
+    """The whole state dict of an FSDP-sharded model on rank 0 (CPU), {} elsewhere; None for a
+    model that is not sharded (its own state_dict holds it). Every process must call it."""
+    if not _is_fsdp(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options)
 
 
 def _needs_reference(config: TrainConfig) -> bool:
@@ -388,6 +540,12 @@ def train(model, tokenizer, train_data, config: TrainConfig, eval_data=None,
       for the newest in `output_dir`) continues a run: on CPU its History equals the
       uninterrupted run's bit for bit, timing fields aside.
     - A non-finite loss stops training with NonFiniteLossError naming the step and dtype.
+    - Data parallel: run under `accelerate launch` or `torchrun` with N processes (the process
+      group is joined here if the caller has not). Each process takes its `batch_size` share of
+      every global batch of batch_size x N pairs, the gradients are averaged over the processes
+      before clipping, the metrics are averaged over the global batch, and rank 0 alone shows
+      progress and writes checkpoints; the History equals a one-process run's with the same
+      global batch and seed up to float rounding. Evaluation runs whole on every process.
     """
     run = _Run(model, tokenizer, train_data, config, eval_data, resume_from)
     with _fast_activations(config, model):
@@ -421,6 +579,12 @@ class _Run:
         check_pad_token(tokenizer)
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.device = _device(config, model)
+        self.world, self.fsdp = _World(self.device), _is_fsdp(model)
+        if self.fsdp and (config.save_steps or resume_from is not None
+                          or config.dtype == "float16"):
+            raise ValueError("under FSDP (shard_fsdp) this trainer has no checkpoints, no "
+                             "resuming and no float16 GradScaler: set save_steps=0, drop "
+                             "resume_from, and use bfloat16 or float32.")
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters: call add_lora(model) "
@@ -434,7 +598,8 @@ class _Run:
                              "use 'float32' or 'bfloat16'.")
         self.pairs = _tokenize(train_data, tokenizer, config)
         self.eval_pairs = None if eval_data is None else _tokenize(eval_data, tokenizer, config)
-        self.batches = _Batches(self.pairs, config.batch_size, config.seed)
+        self.batches = _Batches(self.pairs, config.batch_size, config.seed, self.world.rank,
+                                self.world.size)
         checkpoint = None if resume_from is None else _checkpoint_to_resume(resume_from, config)
 
         torch.manual_seed(config.seed)
@@ -444,6 +609,8 @@ class _Run:
                 gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()  # so checkpointed blocks see inputs needing grad
         model.to(self.device).train()
+        if not self.fsdp:  # FSDP shards each process's own copy
+            self.world.broadcast(self.params)
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate,
                                            weight_decay=config.weight_decay)
         self.scheduler = get_scheduler(SCHEDULERS[config.lr_scheduler], self.optimizer,
@@ -474,20 +641,57 @@ class _Run:
         batch = _collate(next(self.batches), self.tokenizer)
         ref = (self.reference.logps(self.model, batch, config.dtype)
                if _needs_reference(config) else None)
-        policy = batch_logps(self.model, batch, config.dtype)
+        if ref is not None and self.reference.cache is not None and self.world.size > 1:
+            self._share_reference(batch, ref)
+        policy = _logps(self.model, batch, config.dtype)
         losses, sums = preference_step(policy, ref, batch, config)
         loss = losses.mean() / config.gradient_accumulation_steps
-        if not torch.isfinite(loss):
+        if not self.world.all_finite(loss):
+            where = f" (this process's of {self.world.size})" if self.world.size > 1 else ""
             raise NonFiniteLossError(
-                f"non-finite loss ({loss.item()}) at step {step} with dtype={config.dtype}. "
+                f"non-finite loss ({loss.item()}{where}) at step {step} with "
+                f"dtype={config.dtype}. "
                 "Likely cause: float16 overflow (e.g. phi-2 attention in fp16 with 'eager' "
                 "attention) or a too-high learning rate. Use attn_implementation='sdpa', "
                 "bfloat16 on Ampere or newer (or float32), or a lower learning_rate.")
         self.scaler.scale(loss).backward()
         return sums, int(batch["attention_mask"].sum())
 
+    def _share_reference(self, batch: dict, logps: torch.Tensor) -> None:
+        """Put every process's reference log-probs of this micro-batch in every process's cache.
+
+        Rows are global pair indices, so the caches stay equal (rank 0 saves its own) and a
+        pair drawn later by another process is not computed again.
+        """
+        b = len(batch["index"])
+        rows = torch.stack([logps[:b], logps[b:]], 1).float()
+        self.reference.cache[self.world.gather(batch["index"])] = self.world.gather(rows).cpu()
+
+    def step(self, step: int) -> dict:
+        """One optimiser step over the global batch: its History row (metrics of all processes).
+
+        Means are over the global batch's pairs: every process has the same number of them.
+        """
+        config, start, tokens, totals = self.config, time.perf_counter(), 0, {}
+        for _ in range(config.gradient_accumulation_steps):
+            sums, n_tokens = self.micro_step(step)
+            _add(totals, sums)
+            tokens += n_tokens
+        grad_norm, lr = self.update()
+        seconds = time.perf_counter() - start
+        *values, tokens = self.world.sum([*totals.values(), tokens])
+        pairs = config.batch_size * config.gradient_accumulation_steps * self.world.size
+        return {"step": step, **_mean(dict(zip(totals, values)), pairs), "grad_norm": grad_norm,
+                "learning_rate": lr, "step_seconds": seconds,
+                "tokens_per_second": tokens / seconds,
+                "peak_memory_gib": self.world.max(_peak_memory_gib(self.device))}
+
     def update(self) -> tuple[float, float]:
-        """Clip, step the optimiser and the schedule: (grad norm, the learning rate used)."""
+        """Average the gradients over the processes, clip, step the optimiser and the schedule:
+        (grad norm, the learning rate used)."""
+        # Before unscaling: an overflow on one process then reaches all, and all skip the step.
+        if not self.fsdp:  # FSDP averages (reduce-scatters) them in the backward pass
+            self.world.average_gradients(self.params)
         self.scaler.unscale_(self.optimizer)
         max_norm = self.config.max_grad_norm
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm or math.inf)
@@ -498,6 +702,8 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, the same on every process
+            grad_norm = grad_norm.full_tensor()
         return grad_norm.item(), lr
 
     def evaluation_due(self, step: int) -> bool:
@@ -519,10 +725,15 @@ class _Run:
     def _trainable(self) -> dict:
         return {name: p for name, p in self.model.named_parameters() if p.requires_grad}
 
-    def save(self, steps_done: int) -> Path:
-        """Write output_dir/checkpoint-{steps_done}/ (atomically) and prune old ones."""
+    def save(self, steps_done: int) -> Path | None:
+        """Write output_dir/checkpoint-{steps_done}/ (atomically) and prune old ones.
+
+        Only rank 0 writes (every process holds the same state); the others return None.
+        """
         from safetensors.torch import save_file
 
+        if self.world.rank != 0:
+            return None
         root = Path(self.config.output_dir)
         final, tmp = root / f"checkpoint-{steps_done}", root / f"checkpoint-{steps_done}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -533,7 +744,8 @@ class _Run:
                   "eval_reference": getattr(self.eval_reference, "cache", None)}
         torch.save({"steps_done": steps_done, "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                    "caches": caches, **self.step_state}, tmp / "state.pt")
+                    "caches": caches, "world_size": self.world.size, **self.step_state},
+                   tmp / "state.pt")
         (tmp / "config.json").write_text(json.dumps(asdict(self.config), indent=1))
         self.history.to_json(tmp / "history.json")
         if _is_peft(self.model):  # loadable with load_adapter, too
@@ -558,6 +770,10 @@ class _Run:
             for name, p in trainable.items():
                 p.copy_(weights[name])
         state = torch.load(path / "state.pt", weights_only=True)
+        if state.get("world_size", 1) != self.world.size:
+            raise ValueError(f"{path} was written by {state.get('world_size', 1)} process(es) and "
+                             f"this run has {self.world.size}: the data order is per global batch "
+                             "(batch_size x processes), so resume with as many processes.")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -575,7 +791,7 @@ class _Run:
 
 # Settings that may differ between a run and its resumption: they do not change the training.
 _RESUMABLE = {"progress", "output_dir", "save_steps", "save_total_limit", "device", "eval_every",
-              "eval_batch_size"}
+              "eval_batch_size", "logging_steps"}
 
 
 def _checkpoints(root: Path) -> list[Path]:
@@ -605,32 +821,35 @@ def _checkpoint_to_resume(resume_from, config: TrainConfig) -> Path:
     return path
 
 
+def metrics_line(row: dict, max_steps: int) -> str:
+    """One History row as a line of text: step, loss, accuracy, margin, lr, speed, eval loss."""
+    line = (f"step {row['step'] + 1}/{max_steps}  loss {row['loss']:.4f}  "
+            f"acc {row['rewards/accuracies']:.3f}  margin {row['rewards/margins']:.4f}  "
+            f"lr {row['learning_rate']:.2e}  {row['tokens_per_second']:.0f} tok/s")
+    if "eval/loss" in row:
+        line += f"  eval loss {row['eval/loss']:.4f} acc {row['eval/rewards/accuracies']:.3f}"
+    return line
+
+
 def _train(run: _Run) -> History:
-    """The loop: per step, accumulate micro-batches, update, record, evaluate, checkpoint."""
-    config, history = run.config, run.history
-    bar = tqdm(range(run.start, config.max_steps), desc="DPO", disable=not config.progress,
-               initial=run.start, total=config.max_steps)
+    """The loop: per step, accumulate micro-batches, update, record, evaluate, checkpoint.
+
+    Every process runs it; rank 0 alone shows the progress bar, prints and writes checkpoints.
+    """
+    config, history, main = run.config, run.history, run.world.rank == 0
+    bar = tqdm(range(run.start, config.max_steps), desc="DPO", initial=run.start,
+               total=config.max_steps, disable=not (config.progress and main))
     done = run.start
     try:
         for step in bar:
-            start, tokens, totals = time.perf_counter(), 0, {}
-            for _ in range(config.gradient_accumulation_steps):
-                sums, n_tokens = run.micro_step(step)
-                _add(totals, sums)
-                tokens += n_tokens
-            grad_norm, lr = run.update()
+            history.append(run.step(step))
             done, run.step_state = step + 1, run._step_state()
-            seconds = time.perf_counter() - start
-            pairs = config.batch_size * config.gradient_accumulation_steps
-            history.append({
-                "step": step, **_mean(totals, pairs),
-                "grad_norm": grad_norm, "learning_rate": lr, "step_seconds": seconds,
-                "tokens_per_second": tokens / seconds,
-                "peak_memory_gib": _peak_memory_gib(run.device)})
             if run.evaluation_due(step):
                 history[-1].update(run.evaluate())
             bar.set_postfix(loss=f"{history[-1]['loss']:.4f}",
                             acc=f"{history[-1]['rewards/accuracies']:.2f}")
+            if main and config.logging_steps and done % config.logging_steps == 0:
+                tqdm.write(metrics_line(history[-1], config.max_steps))
             if config.save_steps and (done % config.save_steps == 0 or done == config.max_steps):
                 run.save(done)
     except (KeyboardInterrupt, NonFiniteLossError) as err:
@@ -638,7 +857,7 @@ def _train(run: _Run) -> History:
         # its successor began with (an unfinished step's gradients are dropped).
         run.optimizer.zero_grad(set_to_none=True)
         err.history = history
-        if config.output_dir is not None and done > run.start:
+        if config.output_dir is not None and done > run.start and not run.fsdp:
             err.checkpoint = run.save(done)
         raise
     run.model.eval()

@@ -1,0 +1,530 @@
+"""The command line: `dpo-minimal train | eval | plan`, also `python -m dpo_minimal`.
+
+    dpo-minimal train --tiny gpt2 --data prefs.jsonl --output-dir out --max-steps 50
+    accelerate launch --multi_gpu --num_processes 2 -m dpo_minimal train --model gpt2 ...
+    dpo-minimal plan microsoft/phi-2 --batch-pairs 2 --seq-len 512 --dtype float16
+
+Every `TrainConfig` field is a flag of `train`, made from the dataclass (its type, default and
+comment), so the command line cannot drift from the library. A `--config` YAML or JSON file sets
+the same options; flags given on the command line override it.
+"""
+
+import argparse
+import json
+import os
+import sys
+import types
+from dataclasses import asdict, fields
+from pathlib import Path
+
+from .losses import LOSSES
+from .train import DTYPES, SCHEDULERS, NonFiniteLossError, TrainConfig
+
+TINY = ("gpt2", "phi", "llama")  # the keys of dpo_minimal.models.ARCHITECTURES
+CHOICES = {"loss_type": LOSSES, "dtype": DTYPES, "lr_scheduler": SCHEDULERS, "tiny": TINY,
+           "load_dtype": ("auto", *DTYPES)}
+METAVARS = {"model": "NAME_OR_DIR", "data": "FILE_OR_HUB_NAME", "eval_data": "FILE_OR_HUB_NAME",
+            "lora_targets": "NAMES", "resume_from": "DIR", "output_dir": "DIR", "device": "DEVICE"}
+# The settings of `train` that are not TrainConfig fields: (default, type, help).
+TRAIN_OPTIONS = {
+    "model": (None, str, "a Hub model name or a local folder (from_pretrained)"),
+    "tiny": (None, str, f"a tiny offline model of one architecture: {', '.join(TINY)}"),
+    "data": (None, str, "preference pairs: a .jsonl/.json file or a Hub data set name"),
+    "split": ("train", str, "the split of a Hub data set"),
+    "eval_data": (None, str, "held-out pairs, evaluated every --eval-every steps and at the end"),
+    "eval_split": ("test", str, "the split of a Hub --eval-data"),
+    "lora_r": (16, int, "LoRA rank"),
+    "lora_alpha": (32, int, "LoRA scale alpha (the update is scaled by alpha / r)"),
+    "lora_dropout": (0.05, float, "LoRA dropout (training sets every dropout to 0, as TRL does)"),
+    "lora_targets": (None, str, "comma-separated module names to wrap (default: the family's "
+                     "in dpo_minimal.models.ARCHITECTURES)"),
+    "full": (False, bool, "full fine-tuning: train every weight, no LoRA"),
+    "fsdp": (False, bool, "shard a --full model over the processes with FSDP (also switched on "
+             "by an accelerate config with distributed_type: FSDP)"),
+    "load_dtype": ("auto", str, "dtype of the loaded weights: auto (float32 for --full and "
+                   "--tiny, else --dtype), float32, float16 or bfloat16"),
+    "resume": (False, bool, "continue from the newest checkpoint in --output-dir"),
+    "resume_from": (None, str, "continue from this checkpoint-{step}/ folder"),
+}
+# Where the command line's default differs from the library's.
+CLI_DEFAULTS = {"logging_steps": 10}
+EVAL_FIELDS = ("beta", "loss_type", "label_smoothing", "simpo_gamma", "max_length",
+               "max_prompt_length", "dtype", "eval_batch_size", "device", "fused_gelu",
+               "drop_overlong")
+
+
+def _field_help() -> dict[str, str]:
+    """Each TrainConfig field's comment in its source (the comment is the flag's help)."""
+    import inspect
+    import re
+
+    try:
+        source = inspect.getsource(TrainConfig)
+    except OSError:  # no source (a frozen build): flags without help text
+        return {}
+    return dict(re.findall(r"^\s+(\w+): [^=]+=[^#\n]*#\s*(.+)$", source, re.M))
+
+
+def _value_type(annotation) -> tuple[type, bool]:
+    """(the type, whether None is allowed) of a TrainConfig annotation such as `float | None`."""
+    if isinstance(annotation, types.UnionType):
+        kinds = [a for a in annotation.__args__ if a is not type(None)]
+        return kinds[0], True
+    return annotation, False
+
+
+def _converter(kind: type, optional: bool):
+    if not optional:
+        return kind
+
+    def convert(text: str):
+        return None if text.lower() == "none" else kind(text)
+
+    convert.__name__ = f"{kind.__name__} or none"  # argparse names it in its errors
+    return convert
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_option(group, name: str, default, kind: type, help: str, optional: bool = False):
+    """One option; its value stays unset unless given, so --config values can fill it."""
+    shown = help if "default" in help else f"{help} (default: {default})".strip()
+    shown = shown.replace("%", "%%")
+    if kind is bool:
+        group.add_argument(_flag(name), action=argparse.BooleanOptionalAction,
+                           default=argparse.SUPPRESS, help=shown)
+        return
+    choices = list(CHOICES[name]) if name in CHOICES else None
+    group.add_argument(_flag(name), type=_converter(kind, optional), choices=choices,
+                       default=argparse.SUPPRESS, help=shown,
+                       metavar=None if choices else METAVARS.get(name, kind.__name__.upper()))
+
+
+def _add_config_fields(group, names=None) -> None:
+    helps = _field_help()
+    for field in fields(TrainConfig):
+        if names is None or field.name in names:
+            kind, optional = _value_type(field.type)
+            default = CLI_DEFAULTS.get(field.name, field.default)
+            _add_option(group, field.name, default, kind, helps.get(field.name, ""), optional)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dpo-minimal", description="Direct Preference Optimization from the command line: "
+        "train (LoRA or full), evaluate, and plan GPU memory. Under `accelerate launch` or "
+        "`torchrun`, train runs data parallel. `dpo-minimal COMMAND --help` lists a command's "
+        "options.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser(
+        "train", help="train a model on preference pairs",
+        description="Train with DPO (or another loss of dpo_minimal.losses.LOSSES) and write the "
+        "adapter (or the full model), history.json and metrics.png to --output-dir. Options "
+        "come from --config (YAML or JSON) and are overridden by flags.")
+    train.add_argument("--config", type=Path, default=argparse.SUPPRESS, metavar="FILE",
+                       help="a YAML or JSON file of options (keys as the flags' names, "
+                       "- or _); flags override it")
+    model = train.add_argument_group("model and data")
+    for name in ("model", "tiny", "data", "split", "eval_data", "eval_split", "load_dtype"):
+        _add_option(model, name, *TRAIN_OPTIONS[name])
+    lora = train.add_argument_group("LoRA or full fine-tuning")
+    for name in ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "full", "fsdp"):
+        _add_option(lora, name, *TRAIN_OPTIONS[name])
+    resume = train.add_argument_group("resuming")
+    for name in ("resume", "resume_from"):
+        _add_option(resume, name, *TRAIN_OPTIONS[name])
+    _add_config_fields(train.add_argument_group(
+        "training (dpo_minimal.TrainConfig; 'none' for an optional value)"))
+    train.set_defaults(run=_train_command, parser=train)
+
+    evaluate = commands.add_parser(
+        "eval", help="DPO metrics of a model on held-out pairs",
+        description="Evaluate a trained adapter (its reference is the base model) or a full "
+        "model against --reference-model; prints the metrics as JSON.")
+    evaluate.add_argument("--model", help="the base model (Hub name or folder), or the full "
+                          "fine-tuned model")
+    evaluate.add_argument("--tiny", choices=TINY, help="the tiny offline base model")
+    evaluate.add_argument("--adapter", help="a LoRA adapter folder written by train")
+    evaluate.add_argument("--reference-model", help="the reference of a full fine-tuned model")
+    evaluate.add_argument("--data", required=True, help="a .jsonl/.json file or a Hub data set")
+    evaluate.add_argument("--split", default="test", help="the split of a Hub data set")
+    evaluate.add_argument("--output", type=Path, help="also write the metrics to this JSON file")
+    _add_config_fields(evaluate.add_argument_group("settings (dpo_minimal.TrainConfig)"),
+                       EVAL_FIELDS)
+    evaluate.set_defaults(run=_eval_command, parser=evaluate)
+
+    plan = commands.add_parser(
+        "plan", help="GPU memory plan of a training step, offline",
+        description="Estimate the peak GPU memory of one DPO step (dpo_minimal.memory."
+        "plan_memory) from a model's config alone, offline: a Hub name whose config is in "
+        "the Hugging Face cache, a local folder, or a config.json file.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    plan.add_argument("model", nargs="?", help="Hub name, model folder or config.json")
+    plan.add_argument("--tiny", choices=TINY, help="the tiny offline model instead")
+    plan.add_argument("--batch-pairs", type=int, default=2, help="pairs per micro-batch per GPU")
+    plan.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
+    plan.add_argument("--dtype", choices=list(DTYPES), default="float16",
+                      help="compute dtype")
+    plan.add_argument("--lora-r", type=int, default=16, help="LoRA rank")
+    plan.add_argument("--full", action="store_true", help="full fine-tuning (no LoRA)")
+    plan.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
+                      default=True, help="recompute activations in the backward pass")
+    plan.add_argument("--processes", type=int, default=1,
+                      help="GPUs; with --fsdp the full fine-tuning states are sharded over them")
+    plan.add_argument("--fsdp", action="store_true", help="per-GPU plan under FSDP (--full)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.set_defaults(run=_plan_command, parser=plan)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (argparse exits 2 on bad arguments)."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # reported with the subcommand's usage, which lists its flags
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args.run(args, args.parser)
+
+
+# -- train ---------------------------------------------------------------------------------
+
+def _read_config_file(path: Path, parser) -> dict:
+    """The options in a YAML or JSON file, keys normalised to the flags' names (dashes ok)."""
+    if not path.is_file():
+        parser.error(f"--config {path}: no such file.")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(text)
+        else:
+            values = json.loads(text)
+    except Exception as err:  # yaml and json raise their own error types
+        parser.error(f"--config {path} is not valid {'YAML' if path.suffix != '.json' else 'JSON'}"
+                     f": {err}")
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        parser.error(f"--config {path} must hold a mapping of option: value, got a "
+                     f"{type(values).__name__}.")
+    values = {str(key).replace("-", "_"): value for key, value in values.items()}
+    known = set(TRAIN_OPTIONS) | {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        parser.error(f"--config {path}: unknown option(s) {', '.join(unknown)}; the options are "
+                     f"the flags of `dpo-minimal train --help` ({', '.join(sorted(known))}).")
+    if isinstance(values.get("lora_targets"), list):  # a YAML list of module names
+        values["lora_targets"] = ",".join(map(str, values["lora_targets"]))
+    for name, (_, kind, _) in TRAIN_OPTIONS.items():
+        value = values.get(name)
+        if value is not None and not (kind is bool if isinstance(value, bool) else (
+                isinstance(value, kind) or (kind is float and isinstance(value, int)))):
+            parser.error(f"--config {path}: {name} must be {kind.__name__}, got {value!r}.")
+    return values
+
+
+def _options(args, parser) -> tuple[dict, TrainConfig]:
+    """The train command's options (defaults < --config file < flags) and its TrainConfig."""
+    given = {k: v for k, v in vars(args).items()
+             if k not in ("run", "parser", "command", "config")}
+    from_file = _read_config_file(args.config, parser) if "config" in args else {}
+    defaults = {name: spec[0] for name, spec in TRAIN_OPTIONS.items()}
+    # An accelerate config's mixed_precision (fp16, bf16) is the dtype unless one is given.
+    launcher = {"fp16": "float16", "bf16": "bfloat16"}.get(
+        os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
+    launched = {"dtype": launcher} if launcher else {}
+    merged = {**defaults, **CLI_DEFAULTS, **launched, **from_file, **given}
+    names = {f.name for f in fields(TrainConfig)}
+    try:
+        config = TrainConfig(**{k: v for k, v in merged.items() if k in names})
+    except ValueError as err:
+        parser.error(str(err))
+    options = {k: v for k, v in merged.items() if k not in names}
+    if (options["model"] is None) == (options["tiny"] is None):
+        parser.error("give exactly one of --model NAME_OR_FOLDER and --tiny "
+                     f"{{{','.join(TINY)}}}.")
+    if options["tiny"] is not None and options["tiny"] not in TINY:
+        parser.error(f"--tiny {options['tiny']!r}: use one of {', '.join(TINY)}.")
+    if options["data"] is None:
+        parser.error("--data is required: a .jsonl/.json file of prompt/chosen/rejected rows, or "
+                     "a Hub data set name.")
+    if config.output_dir is None:
+        parser.error("--output-dir is required: the adapter, history.json, metrics.png and "
+                     "checkpoints are written there.")
+    if options["resume"] and options["resume_from"] is not None:
+        parser.error("give --resume (newest checkpoint) or --resume-from PATH, not both.")
+    if options["load_dtype"] not in ("auto", *DTYPES):
+        parser.error(f"--load-dtype {options['load_dtype']!r}: use auto, "
+                     f"{', '.join(DTYPES)}.")
+    options["fsdp"] = options["fsdp"] or os.environ.get("ACCELERATE_USE_FSDP", "") == "true"
+    if options["fsdp"] and not options["full"]:
+        parser.error("FSDP (--fsdp, or an accelerate config with distributed_type: FSDP) shards "
+                     "full fine-tuning: add --full, or train LoRA data parallel without FSDP "
+                     "(its adapters are small).")
+    return options, config
+
+
+def _rank() -> tuple[int, int, int]:
+    """(rank, local rank, world size) from the launcher's environment (torchrun, accelerate)."""
+    env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1))
+
+
+def _load_model(options: dict, config: TrainConfig):
+    """(model, tokenizer): the base model on this process's device, LoRA unless --full."""
+    import torch
+
+    from .models import add_lora, load_model, tiny_model
+
+    load_dtype = options["load_dtype"]
+    if load_dtype == "auto":
+        load_dtype = "float32" if options["full"] or options["tiny"] else config.dtype
+    if options["tiny"]:
+        model, tokenizer = tiny_model(options["tiny"])  # seed 0: the same base every time
+        model = model.to(DTYPES[load_dtype])
+    else:
+        model, tokenizer = load_model(options["model"], dtype=DTYPES[load_dtype])
+    _, local_rank, _ = _rank()
+    if config.device is None and torch.cuda.is_available():  # one GPU per process
+        torch.cuda.set_device(local_rank)
+        model = model.to(f"cuda:{local_rank}")
+    if not options["full"]:
+        targets = options["lora_targets"]
+        torch.manual_seed(config.seed)  # the same LoRA init in every process and every run
+        model = add_lora(model, r=options["lora_r"], alpha=options["lora_alpha"],
+                         dropout=options["lora_dropout"],
+                         target_modules=targets.split(",") if targets else None)
+    return model, tokenizer
+
+
+def _train_command(args, parser) -> int:
+    from .data import load_preferences
+    from .train import History, shard_fsdp, train
+
+    options, config = _options(args, parser)
+    rank, _, world = _rank()
+    say = print if rank == 0 else (lambda *a, **k: None)
+    try:
+        data = load_preferences(options["data"], split=options["split"])
+        eval_data = (None if options["eval_data"] is None else
+                     load_preferences(options["eval_data"], split=options["eval_split"]))
+        model, tokenizer = _load_model(options, config)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        model = shard_fsdp(model, config.dtype) if options["fsdp"] else model
+        say(f"dpo-minimal: {options['model'] or 'tiny ' + options['tiny']}, "
+            f"{'full fine-tuning' if options['full'] else 'LoRA r=' + str(options['lora_r'])}"
+            f"{' sharded by FSDP' if options['fsdp'] else ''}, {trainable:,} trainable "
+            f"parameters; {len(data)} pairs; {world} process(es), global batch "
+            f"{config.batch_size * config.gradient_accumulation_steps * world} pairs.")
+        resume = True if options["resume"] else options["resume_from"]
+        history = train(model, tokenizer, data, config, eval_data=eval_data, resume_from=resume)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        parser.error(str(err))
+    except KeyboardInterrupt as err:
+        where = getattr(err, "checkpoint", None)
+        say(f"dpo-minimal: interrupted{'; saved ' + str(where) if where else ''}. Continue "
+            "with the same command and --resume.", file=sys.stderr)
+        return 130
+    except NonFiniteLossError as err:
+        say(f"dpo-minimal: {err}", file=sys.stderr)
+        return 1
+    out = Path(config.output_dir)
+    written = _write_outputs(model, tokenizer, History(history), options, config, out, rank)
+    say("dpo-minimal: wrote " + ", ".join(str(p) for p in written))
+    _leave_process_group()
+    return 0
+
+
+def _write_outputs(model, tokenizer, history, options, config, out: Path, rank: int) -> list:
+    """The adapter (or the full model), history.json, metrics.png and run.json; rank 0 only."""
+    from .adapters import save_adapter
+    from .train import full_state_dict
+
+    state = full_state_dict(model) if options["full"] else None  # every process takes part
+    if rank != 0:
+        return []
+    out.mkdir(parents=True, exist_ok=True)
+    if options["full"]:
+        weights = out / "model"
+        model.save_pretrained(weights, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(weights)
+    else:
+        weights = save_adapter(model, out / "adapter")
+    run = {**options, **asdict(config)}
+    (out / "run.json").write_text(json.dumps(run, indent=1, default=str))
+    return [weights, history.to_json(out / "history.json"), plot_history(history,
+                                                                        out / "metrics.png")]
+
+
+def _leave_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def plot_history(history, path: Path) -> Path:
+    """Loss, accuracy, margin and rewards against the step, held-out values as markers: a PNG."""
+    import math
+
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, any backend
+
+    fig = Figure(figsize=(10, 6.5))
+    panels = [("loss", "DPO loss", "loss (nats)"),
+              ("rewards/accuracies", "reward accuracy", "share of pairs won"),
+              ("rewards/margins", "reward margin", "beta x log-ratio (nats)"),
+              (("rewards/chosen", "rewards/rejected"), "rewards", "beta x log-ratio (nats)")]
+    for i, (keys, title, unit) in enumerate(panels):
+        ax = fig.add_subplot(2, 2, i + 1)
+        for key in (keys,) if isinstance(keys, str) else keys:
+            steps, values = history.series(key)
+            ax.plot(steps, values, label=f"train {key.split('/')[-1]}")
+            steps, values = history.series(f"eval/{key}")
+            if steps:
+                ax.plot(steps, values, "o--", label=f"held-out {key.split('/')[-1]}")
+        if keys == "loss":
+            ax.axhline(math.log(2), color="grey", lw=0.8, ls=":", label="ln 2")
+        ax.set(title=title, xlabel="optimiser step", ylabel=unit)
+        ax.legend(fontsize=8)
+    fig.suptitle("dpo-minimal training metrics")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+# -- eval ----------------------------------------------------------------------------------
+
+def _eval_command(args, parser) -> int:
+    from .adapters import load_adapter
+    from .data import load_preferences
+    from .models import load_model, tiny_model
+    from .train import evaluate
+
+    if (args.model is None) == (args.tiny is None):
+        parser.error("give exactly one of --model and --tiny.")
+    if args.adapter is None and args.reference_model is None:
+        parser.error("eval needs a reference: --adapter (the base model with the adapter off) "
+                     "or --reference-model (for a full fine-tuned --model).")
+    names = {f.name for f in fields(TrainConfig)}
+    try:
+        config = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+        model, tokenizer = tiny_model(args.tiny) if args.tiny else load_model(args.model)
+        if args.adapter is not None:
+            model = load_adapter(model, args.adapter)
+        reference = None if args.reference_model is None else load_model(args.reference_model)[0]
+        data = load_preferences(args.data, split=args.split)
+        metrics = evaluate(model, tokenizer, data, config, reference_model=reference)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        parser.error(str(err))
+    text = json.dumps(metrics, indent=1)
+    print(text)
+    if args.output is not None:
+        args.output.write_text(text)
+    return 0
+
+
+# -- plan ----------------------------------------------------------------------------------
+
+def _model_config(args, parser):
+    """The transformers config of `plan`'s model, from the cache or disk only (never the Hub)."""
+    from transformers import AutoConfig
+
+    if (args.model is None) == (args.tiny is None):
+        parser.error("give a model (Hub name, folder or config.json) or --tiny, not both.")
+    if args.tiny:
+        from .models import tiny_model
+
+        return tiny_model(args.tiny)[0].config
+    path = Path(args.model).expanduser()
+    try:
+        if path.is_file():
+            return AutoConfig.from_pretrained(str(path.parent) if path.name == "config.json"
+                                              else str(path))
+        return AutoConfig.from_pretrained(args.model, local_files_only=True)
+    except (OSError, ValueError) as err:
+        if path.exists():
+            parser.error(f"{path} holds no readable transformers config: {err}")
+        parser.error(f"the config of {args.model!r} is not in this machine's Hugging Face cache, "
+                     "and plan never downloads: pass a local model folder or config.json, or "
+                     "fetch the config once with network: python -c \"from transformers import "
+                     f"AutoConfig; AutoConfig.from_pretrained('{args.model}')\".")
+
+
+def parallel_plan(config, plan: dict, processes: int, fsdp: bool, dtype: str) -> dict:
+    """`plan_memory`'s GiB per GPU when `processes` GPUs train together (an estimate).
+
+    Data parallel (DDP): each GPU holds the whole plan (a replica and its own micro-batch of
+    `batch_pairs`), plus the flat buffer in which `dpo_minimal.train` all-reduces gradients (at
+    most 2**25 float32 values at a time). FSDP (full fine-tuning, `plan` with lora_r=0): the
+    float32 weights, gradients and AdamW moments are split over the GPUs; while it computes,
+    each GPU also holds the root group gathered (embeddings, final norm, head: FSDP keeps it for
+    the backward) and two gathered decoder blocks (the current one and the prefetched next), in
+    the compute dtype (`shard_fsdp` gathers in it). Activations, logits and the CUDA context
+    are per GPU either way.
+    """
+    from .memory import DTYPE_BYTES, GIB, meta_model
+
+    out = {key: value for key, value in plan.items() if key != "total"}
+    if fsdp:
+        model = meta_model(config)
+        blocks = [m for m in model.modules() if type(m).__name__ in model._no_split_modules]
+        block = max(sum(p.numel() for p in b.parameters()) for b in blocks)
+        root = sum(p.numel() for p in model.parameters()) - sum(
+            p.numel() for b in blocks for p in b.parameters())
+        for key in ("weights", "lora_gradients", "optimizer_state"):
+            out[key] = plan[key] / processes
+        extra = {"gathered_weights": (root + 2 * block) * DTYPE_BYTES[DTYPES[dtype]] / GIB}
+    else:
+        trained = plan["lora_gradients"] * GIB / 4  # float32 gradients: 4 bytes each
+        extra = {"gradient_bucket": min(trained, 2**25) * 4 / GIB if processes > 1 else 0.0}
+    out.update(extra)
+    summed = ("weights", "lora_parameters", "lora_gradients", "optimizer_state", "activations",
+              "logits", "cuda_context", *extra)
+    return {**out, "total": sum(out[key] for key in summed)}
+
+
+# How `plan` prints plan_memory's keys.
+LABELS = {"weights": "weights", "lora_parameters": "LoRA adapters",
+          "lora_gradients": "gradients (of the trained weights)",
+          "optimizer_state": "AdamW moments", "activations_no_checkpointing":
+          "activations without checkpointing", "activations_checkpointing":
+          "activations with checkpointing", "activations": "activations (this run)",
+          "logits": "logits", "cuda_context": "CUDA context", "gradient_bucket":
+          "all-reduce buffer", "gathered_weights": "gathered weights (FSDP)", "total": "total"}
+
+
+def _plan_command(args, parser) -> int:
+    from .memory import T4_USABLE_GIB, plan_memory
+
+    if args.processes < 1:
+        parser.error(f"--processes must be >= 1, got {args.processes}.")
+    if args.fsdp and not args.full:
+        parser.error("--fsdp plans full fine-tuning: add --full.")
+    config = _model_config(args, parser)
+    try:
+        plan = plan_memory(config, batch_pairs=args.batch_pairs, seq_len=args.seq_len,
+                           dtype=args.dtype, lora_r=0 if args.full else args.lora_r,
+                           gradient_checkpointing=args.gradient_checkpointing)
+    except ValueError as err:
+        parser.error(str(err))
+    if args.fsdp or args.processes > 1:
+        plan = parallel_plan(config, plan, args.processes, args.fsdp, args.dtype)
+    if args.json:
+        print(json.dumps(plan, indent=1))
+        return 0
+    what = "full fine-tuning" if args.full else f"LoRA r={args.lora_r}"
+    where = (f"per GPU, FSDP over {args.processes}" if args.fsdp else
+             f"per GPU, each of {args.processes} holding a replica" if args.processes > 1
+             else "one GPU")
+    print(f"{args.model or 'tiny ' + args.tiny}: {what}, {args.batch_pairs} pairs x "
+          f"{args.seq_len} tokens, {args.dtype}, gradient checkpointing "
+          f"{'on' if args.gradient_checkpointing else 'off'} ({where})")
+    for key, gib in plan.items():
+        print(f"  {LABELS.get(key, key):<36} {gib:8.2f} GiB")
+    fits = "yes" if plan["total"] <= T4_USABLE_GIB else "no"
+    print(f"  fits a T4 ({T4_USABLE_GIB} GiB usable): {fits}")
+    return 0

@@ -1,0 +1,156 @@
+"""The command line: train writes what it promises, bad input exits 2 with a clear message,
+plan runs offline, and --help is complete (one flag per TrainConfig field)."""
+
+import json
+import math
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import PhiConfig
+
+from dpo_minimal import load_preferences, shipped_data_path, tiny_model
+from dpo_minimal.adapters import load_adapter
+from dpo_minimal.cli import _field_help, main
+from dpo_minimal.memory import plan_memory
+from dpo_minimal.train import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--max-length", "64", "--max-prompt-length", "32", "--batch-size", "2",
+         "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def prefs(tmp_path_factory) -> str:
+    rows = load_preferences(shipped_data_path("train")).select(range(6)).to_list()
+    path = tmp_path_factory.mktemp("data") / "prefs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def trained(prefs, tmp_path_factory):
+    """A run whose --config file sets beta, lora_r and max_steps; the flag overrides max_steps."""
+    out = tmp_path_factory.mktemp("run")
+    config = out.parent / "options.yaml"
+    config.write_text("beta: 0.2\nlora-r: 4\nmax_steps: 7\n")
+    code = main(["train", "--config", str(config), "--tiny", "gpt2", "--data", prefs,
+                 "--output-dir", str(out), "--max-steps", "2", "--logging-steps", "1", *SMALL])
+    assert code == 0
+    return out
+
+
+def test_train_writes_adapter_history_plot_and_settings(trained, capsys):
+    history = json.loads((trained / "history.json").read_text())
+    assert len(history) == 2  # the flag beat the file's max_steps
+    assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # fresh LoRA: ln 2
+    assert (trained / "metrics.png").stat().st_size > 10_000
+    run = json.loads((trained / "run.json").read_text())
+    assert (run["beta"], run["lora_r"], run["max_steps"]) == (0.2, 4, 2)
+    model = load_adapter(tiny_model("gpt2")[0], trained / "adapter")
+    assert model.peft_config["default"].r == 4
+
+
+def test_train_prints_a_metrics_line_per_logging_step(prefs, tmp_path, capsys):
+    assert main(["train", "--tiny", "phi", "--data", prefs, "--output-dir", str(tmp_path),
+                 "--max-steps", "2", "--logging-steps", "1", "--lora-r", "2", *SMALL]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert [line.split()[:4] for line in lines] == [["step", "1/2", "loss", "0.6931"],
+                                                    ["step", "2/2", "loss", lines[1].split()[3]]]
+
+
+def test_eval_reads_the_trained_adapter(trained, prefs, capsys):
+    assert main(["eval", "--tiny", "gpt2", "--adapter", str(trained / "adapter"), "--data", prefs,
+                 "--max-length", "64", "--max-prompt-length", "32", "--beta", "0.2"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert set(metrics) >= {"loss", "rewards/accuracies", "rewards/margins", "entropy"}
+    assert math.isfinite(metrics["loss"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--beta", "-1"], "beta must be a finite number > 0"),
+    (["--learning-rate", "fast"], "invalid float value: 'fast'"),
+    (["--loss-type", "dpo"], "invalid choice: 'dpo'"),
+    (["--max-grad-norm", "0"], "max_grad_norm must be > 0"),
+    (["--max-prompt-length", "64"], "must be below max_length"),
+    (["--warp-speed"], "unrecognized arguments: --warp-speed"),
+    (["--model", "gpt2"], "exactly one of --model"),
+    (["--lora-targets", "no_such_module"], "no_such_module"),
+    (["--fsdp"], "add --full"),
+    (["--resume"], "holds no checkpoint"),
+])
+def test_bad_flags_exit_2_with_a_clear_message(prefs, tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exited:
+        main(["train", "--tiny", "gpt2", "--data", prefs, "--output-dir", str(tmp_path),
+              *SMALL, *flags])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: dpo-minimal train" in err and message in err, err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "missing.jsonl"], "missing.jsonl: no such file"),
+    (["--data", "{prefs}", "--config", "{bad}"], "unknown option(s) betta"),
+    (["--data", "{prefs}"], "--output-dir is required"),
+])
+def test_bad_files_and_missing_options_exit_2(prefs, tmp_path, capsys, args, message):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"betta": 0.1}))
+    args = [a.format(prefs=prefs, bad=bad) for a in args]
+    out = ["--output-dir", str(tmp_path)] if "output-dir" not in message else []
+    with pytest.raises(SystemExit) as exited:
+        main(["train", "--tiny", "gpt2", *args, *out])
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_help_lists_every_trainconfig_field_with_its_help(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["train", "--help"])
+    assert exited.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    helps = _field_help()
+    for field in fields(TrainConfig):
+        assert "--" + field.name.replace("_", "-") in text
+        assert helps.get(field.name), f"TrainConfig.{field.name} has no help comment"
+        assert " ".join(helps[field.name].split()) in text
+    for flag in ("--config", "--model", "--tiny", "--data", "--eval-data", "--output-dir",
+                 "--resume", "--resume-from", "--lora-r", "--lora-alpha", "--lora-dropout",
+                 "--lora-targets", "--full"):
+        assert flag in text
+
+
+def test_plan_runs_offline_on_a_local_config(tmp_path, capsys):
+    phi2 = PhiConfig(vocab_size=51200, hidden_size=2560, intermediate_size=10240,
+                     num_hidden_layers=32, num_attention_heads=32, partial_rotary_factor=0.4,
+                     tie_word_embeddings=False, max_position_embeddings=2048)
+    phi2.save_pretrained(tmp_path)
+    assert main(["plan", str(tmp_path / "config.json"), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    expected = plan_memory(phi2, batch_pairs=2, seq_len=512, dtype=torch.float16, lora_r=16,
+                           gradient_checkpointing=True)
+    assert plan == pytest.approx(expected)
+    assert main(["plan", str(tmp_path), "--full", "--fsdp", "--processes", "4",
+                 "--dtype", "bfloat16", "--json"]) == 0
+    sharded = json.loads(capsys.readouterr().out)
+    full = plan_memory(phi2, batch_pairs=2, seq_len=512, dtype="bfloat16", lora_r=0)
+    assert sharded["optimizer_state"] == pytest.approx(full["optimizer_state"] / 4)
+    assert sharded["total"] < full["total"] / 2
+
+
+def test_plan_says_clearly_when_a_hub_config_is_not_cached(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache
+    with pytest.raises(SystemExit) as exited:
+        main(["plan", "nobody-here/no-such-model"])
+    assert exited.value.code == 2
+    assert "not in this machine's Hugging Face cache" in capsys.readouterr().err
+
+
+def test_python_m_dpo_minimal_runs_the_command_line():
+    done = subprocess.run([sys.executable, "-m", "dpo_minimal", "plan", "--tiny", "llama"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "total" in done.stdout

@@ -1,0 +1,132 @@
+"""Data parallel: two CPU processes (gloo) under `accelerate launch` train exactly what one
+process trains on the same global batch; resuming and FSDP on two processes."""
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dpo_minimal import load_preferences, shipped_data_path
+from dpo_minimal.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMING = {"step_seconds", "tokens_per_second", "peak_memory_gib"}
+# 8 pairs and a global batch of 4: two steps an epoch, so 6 steps see every pair three times and
+# the reference cache is read for pairs that the other process computed.
+COMMON = ["--tiny", "gpt2", "--max-steps", "6", "--max-length", "64", "--max-prompt-length",
+          "32", "--learning-rate", "1e-2", "--warmup-steps", "1", "--eval-every", "3",
+          "--logging-steps", "2", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> tuple[str, str]:
+    folder = tmp_path_factory.mktemp("data")
+    paths = []
+    for split, n in (("train", 8), ("test", 4)):
+        rows = load_preferences(shipped_data_path(split)).select(range(n)).to_list()
+        path = folder / f"{split}.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        paths.append(str(path))
+    return tuple(paths)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(*args: str) -> str:
+    """`accelerate launch` two CPU processes of `python -m dpo_minimal`; their stdout."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+               "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+               "-m", "dpo_minimal", *args]
+    # CPU only, one thread each; this checkout's dpo_minimal.
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def _history(folder) -> list[dict]:
+    rows = json.loads((Path(folder) / "history.json").read_text())
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
+
+
+def _close(one: list[dict], two: list[dict], skip=()) -> float:
+    """Largest |a - b| / max(1, |a|) over every metric of every step (steps and keys equal)."""
+    assert [sorted(row) for row in one] == [sorted(row) for row in two]
+    return max(abs(a[k] - b[k]) / max(1.0, abs(a[k]))
+               for a, b in zip(one, two) for k in a if (a["step"], k) not in skip)
+
+
+@pytest.fixture(scope="module")
+def two_processes(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    stdout = _launch("train", *COMMON, "--data", data[0], "--eval-data", data[1],
+                     "--batch-size", "2", "--save-steps", "2", "--output-dir", str(out))
+    return out, stdout
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(data, two_processes, tmp_path):
+    out, _ = two_processes
+    assert main(["train", *COMMON, "--data", data[0], "--eval-data", data[1],
+                 "--batch-size", "4", "--output-dir", str(tmp_path)]) == 0
+    one, two = _history(tmp_path), _history(out)
+    assert one[-1]["loss"] < math.log(2) - 0.05  # it trained: the comparison is not trivial
+    assert _close(one, two) < 1e-5
+
+
+def test_rank_0_alone_logs_and_writes_a_whole_reference_cache(two_processes):
+    out, stdout = two_processes
+    lines = [line for line in stdout.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["2/6", "4/6", "6/6"]  # once, not per process
+    state = torch.load(out / "checkpoint-2" / "state.pt", weights_only=True)
+    assert state["world_size"] == 2
+    # Each process computed the reference of its 2 pairs per step; every row is in rank 0's cache.
+    assert not state["caches"]["reference"].isnan().any()
+    assert {p.name for p in out.iterdir()} >= {"adapter", "history.json", "metrics.png",
+                                              "checkpoint-6"}
+
+
+def test_resume_on_two_processes_equals_the_uninterrupted_run(data, two_processes, tmp_path):
+    out, _ = two_processes
+    _launch("train", *COMMON, "--data", data[0], "--eval-data", data[1], "--batch-size", "2",
+            "--save-steps", "2", "--output-dir", str(tmp_path),
+            "--resume-from", str(out / "checkpoint-2"))
+    assert _history(tmp_path) == _history(out)  # bit for bit, timings aside
+
+
+def test_a_two_process_checkpoint_refuses_one_process(data, two_processes, tmp_path, capsys):
+    out, _ = two_processes
+    with pytest.raises(SystemExit) as exited:
+        main(["train", *COMMON, "--data", data[0], "--eval-data", data[1], "--batch-size", "2",
+              "--save-steps", "2", "--output-dir", str(tmp_path),
+              "--resume-from", str(out / "checkpoint-2")])
+    assert exited.value.code == 2
+    assert "written by 2 process(es)" in capsys.readouterr().err
+
+
+def test_fsdp_full_fine_tuning_on_two_processes_equals_one(data, tmp_path):
+    full = ["--full", "--learning-rate", "1e-4", "--data", data[0], "--eval-data", data[1]]
+    _launch("train", *COMMON, *full, "--fsdp", "--batch-size", "2",
+            "--output-dir", str(tmp_path / "two"))
+    assert main(["train", *COMMON, *full, "--batch-size", "4",
+                 "--output-dir", str(tmp_path / "one")]) == 0
+    one, two = _history(tmp_path / "one"), _history(tmp_path / "two")
+    # At step 0 the policy IS the reference, so each reward is 0 up to float rounding and a
+    # "strict win" is a coin toss on that rounding: only there is accuracy not compared.
+    assert _close(one, two, skip={(0, "rewards/accuracies")}) < 1e-5
+    from safetensors.torch import load_file
+
+    a, b = (load_file(tmp_path / run / "model" / "model.safetensors") for run in ("one", "two"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
