@@ -26,7 +26,10 @@ import torch
 
 from dpo_minimal.course import task
 from dpo_minimal.data import DATA_DIR
-from dpo_minimal.models import PRETRAINED_DIR, tiny_model
+from dpo_minimal.models import PRETRAINED_DIR as SHIPPED
+from dpo_minimal.models import tiny_model
+
+PRETRAINED_DIR = SHIPPED / "gpt2"
 
 SIZES = dict(n_layer=4, n_embd=128, n_head=4)  # tiny_model("gpt2")'s sizes; see RECIPE.md
 
@@ -145,7 +148,7 @@ def save(model, tokenizer, out: Path, args, losses, seconds, quality, load) -> s
 - Command: `{command.strip()}`
 - Seed {args.seed}, {args.steps} steps of {args.batch_size} sequences, AdamW (lr {args.lr},
   betas 0.9/0.98, weight decay 0.01, gradient clipping 1.0), warmup {max(1, args.steps // 20)}
-  steps then cosine to lr/10, {args.threads} torch threads, dropout as in GPT2Config.
+  steps then cosine to lr/10, torch threads: {args.threads}, dropout as in GPT2Config.
 - Training time: {seconds[0]:.0f} s wall, {seconds[1]:.0f} s CPU (this process), on
   {platform.machine()} ({os.cpu_count()} cores, torch {torch.__version__}); 1-minute load
   average before/after {load[0]:.1f}/{load[1]:.1f}. Other jobs shared the machine, so the wall
@@ -175,7 +178,7 @@ probability {task.P_BRIEF}; the model imitates both, which is what leaves DPO ro
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)

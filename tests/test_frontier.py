@@ -36,6 +36,17 @@ def test_optimal_policy_limits_and_optimality():
             assert best[0] - beta * best[1] >= other[0] - beta * other[1] - 1e-9
 
 
+def test_optimal_reward_at_interpolates_the_pi_star_curve():
+    rows = [{"method": "pi*", "kl": 0.0, "reward": 0.5},
+            {"method": "pi*", "kl": 1.0, "reward": 0.9},
+            {"method": "DPO", "kl": 0.5, "reward": 2.0}]
+    assert frontier.optimal_reward_at(rows, 0.25) == pytest.approx(0.6)
+    assert frontier.optimal_reward_at(rows, 3.0) == 0.9
+    assert frontier.optimal(REWARDS, float("inf")) == pytest.approx((float(REWARDS.mean()), 0.0))
+    with pytest.raises(ValueError, match="no pi"):
+        frontier.optimal_reward_at(rows[2:], 0.1)
+
+
 @pytest.fixture(scope="module")
 def data():
     return load_preferences(DATA_DIR / "task_prefs_train.jsonl").select(range(16))
@@ -77,8 +88,8 @@ def test_preferred_ft_lowers_nll_and_ignores_the_rejected(data):
 
 def test_tiny_frontier_run_has_every_method_and_plots():
     config = frontier.FrontierConfig(betas=(0.1,), best_of=(2,), optimal_betas=(1.0,), steps=2,
-                                     n_samples=2, reference_samples=4, n_prompts=3,
-                                     max_new_tokens=12)
+                                     n_samples=2, reference_samples=4, n_prompts=2,
+                                     max_new_tokens=8)
     rows = frontier.frontier(config)
     assert [r["method"] for r in rows] == ["reference", "Best-of-N", "pi*", "DPO", "Preferred-FT"]
     assert rows[0]["kl"] == 0.0

@@ -145,8 +145,8 @@ def test_pretrained_model_loads_ready_to_generate(pretrained):
 
 def test_pretrained_model_is_fluent_but_only_partly_right(pretrained):
     model, tok = pretrained
-    prompts = [r["prompt"] for r in _rows("task_heldout.jsonl")]
-    rows = task.sample(model, tok, prompts, n_samples=4, seed=0)
+    prompts = [r["prompt"] for r in _rows("task_heldout.jsonl")][::4]
+    rows = task.sample(model, tok, prompts, n_samples=4, max_new_tokens=48, seed=0)
     parts = [task.judge(r["prompt"], y) for r in rows for y in r["responses"]]
     on_topic = sum(p["on_topic"] for p in parts) / len(parts)
     correct = sum(p["correct"] for p in parts) / len(parts)

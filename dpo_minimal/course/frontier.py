@@ -45,7 +45,8 @@ class FrontierConfig:
 
     betas: tuple = (0.3, 1.0, 3.0, 10.0)  # DPO runs
     best_of: tuple = (2, 4, 8, 16)
-    optimal_betas: tuple = (3.0, 1.0, 0.5, 0.3, 0.2, 0.15, 0.1, 0.07, 0.05, 0.03)  # pi* curve
+    optimal_betas: tuple = (float("inf"), 3.0, 1.0, 0.5, 0.3, 0.2, 0.15, 0.1, 0.07, 0.05,
+                            0.03)  # the pi* curve; beta = inf is the reference itself
     steps: int = 150  # optimiser steps of each DPO and Preferred-FT run
     batch_size: int = 8
     learning_rate: float = 1e-3
@@ -237,21 +238,40 @@ def frontier(config: FrontierConfig | str = "smoke", progress: bool = False) -> 
     return rows
 
 
+def optimal_reward_at(rows: list[dict], kl: float) -> float:
+    """The pi* curve's reward at `kl` (linear between its points; its last value beyond them).
+
+    No policy gets more reward for the same KL (up to sampling noise), so
+    `row["reward"] <= optimal_reward_at(rows, row["kl"]) + noise` for every trained row.
+    """
+    points = sorted((r["kl"], r["reward"]) for r in rows if r["method"] == "pi*")
+    if not points:
+        raise ValueError("no pi* rows: compute them with frontier() (config.optimal_betas).")
+    if kl <= points[0][0]:
+        return points[0][1]
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if kl <= x1:
+            return y0 + (y1 - y0) * (kl - x0) / (x1 - x0)
+    return points[-1][1]
+
+
 def plot_frontier(rows: list[dict], ax=None, title: str = "Reward-KL frontier on the task world"):
     """Mean true reward against KL(pi || pi_ref), one marker style per method; returns the axes.
 
     pi* is drawn as a line (the exact frontier), Best-of-N as a dotted line through its N,
-    DPO points are labelled with beta, error bars are one standard error.
+    DPO points are labelled with beta; error bars are one standard error.
     """
     import matplotlib.pyplot as plt
 
     if ax is None:
         ax = plt.subplots(figsize=(7, 4.5))[1]
-    styles = {"pi*": dict(color="black", ls="--", marker="", label="pi* (Eq 4), exact optimum"),
-              "Best-of-N": dict(color="tab:green", ls=":", marker="s", label="Best-of-N"),
-              "DPO": dict(color="tab:blue", ls="", marker="o", label="DPO"),
-              "Preferred-FT": dict(color="tab:orange", ls="", marker="^", label="Preferred-FT"),
-              "reference": dict(color="grey", ls="", marker="*", ms=12, label="reference (SFT)")}
+    styles = {
+        "pi*": dict(color="black", ls="--", marker="", label=r"$\pi^*$ (Eq 4): the optimum"),
+        "Best-of-N": dict(color="tab:green", ls=":", marker="s", label="Best-of-N"),
+        "DPO": dict(color="tab:blue", ls="", marker="o", label="DPO"),
+        "Preferred-FT": dict(color="tab:orange", ls="", marker="^", label="Preferred-FT"),
+        "reference": dict(color="grey", ls="", marker="*", ms=12, label="reference (SFT)"),
+    }
     for method, style in styles.items():
         points = sorted((r for r in rows if r["method"] == method), key=lambda r: r["kl"])
         if not points:
@@ -264,9 +284,10 @@ def plot_frontier(rows: list[dict], ax=None, title: str = "Reward-KL frontier on
         else:
             ax.plot(x, y, **style)
         for r in points if method in ("DPO", "Best-of-N") else ():
-            ax.annotate(r["setting"], (r["kl"], r["reward"]), fontsize=7,
+            label = r["setting"].replace("beta=", r"$\beta$=")
+            ax.annotate(label, (r["kl"], r["reward"]), fontsize=7,
                         textcoords="offset points", xytext=(4, -10))
-    ax.set(title=title, xlabel="KL(pi || pi_ref) (nats per response)",
+    ax.set(title=title, xlabel=r"KL($\pi\,\|\,\pi_{ref}$) (nats per response)",
            ylabel="mean true reward (0 to 1)")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper right")
     return ax
