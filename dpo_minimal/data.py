@@ -13,6 +13,11 @@ SHIPPED = {
     "train": DATA_DIR / "truthy_mini_train.jsonl",
     "test": DATA_DIR / "truthy_mini_test.jsonl",
     "conversations": DATA_DIR / "conversations_mini.jsonl",
+    # The task world (dpo_minimal.course.task; data card in data/README.md).
+    "task_train": DATA_DIR / "task_prefs_train.jsonl",
+    "task_test": DATA_DIR / "task_prefs_test.jsonl",
+    "task_heldout": DATA_DIR / "task_heldout.jsonl",
+    "task_sft": DATA_DIR / "task_sft.jsonl",
 }
 COLUMNS = ("prompt", "chosen", "rejected")
 
@@ -22,7 +27,12 @@ class OverlongPromptError(ValueError):
 
 
 def shipped_data_path(split: str = "train") -> Path:
-    """Path of a preference file shipped with the package: 'train', 'test' or 'conversations'."""
+    """Path of a data file shipped with the package.
+
+    'train', 'test' (truthy-mini pairs), 'conversations' (chat-format pairs), 'task_train',
+    'task_test' (task-world pairs), 'task_heldout' (task-world prompts only) and 'task_sft' (the
+    task world's SFT corpus, prompt and completion).
+    """
     if split not in SHIPPED:
         raise ValueError(f"unknown shipped split {split!r}: use one of {', '.join(SHIPPED)}.")
     return SHIPPED[split]

@@ -25,7 +25,8 @@ def setup(threads: int | None = None, verbose: bool = True) -> Course:
     """Set up a notebook: resolve the mode, and in smoke mode stay off the network.
 
     Smoke mode sets HF_HUB_OFFLINE (and the datasets/transformers switches), so nothing can
-    reach the Hub, and runs torch on one thread: the tiny models gain nothing from more, and on
+    reach the Hub, hides transformers' progress bars (loading a tiny model is instant), and runs
+    torch on one thread: the tiny models gain nothing from more, and on
     shared cores (CI, a busy laptop) threads that wait for each other cost far more than they
     give. `threads` overrides the thread count in either mode. Prints the mode and device.
     """
@@ -34,6 +35,10 @@ def setup(threads: int | None = None, verbose: bool = True) -> Course:
     mode = get_mode()
     if mode == "smoke":
         go_offline()
+        # Loading a shipped tiny model takes milliseconds: a progress bar for it is only noise.
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     if threads is not None or mode == "smoke":
         torch.set_num_threads(threads or 1)
     device = "cuda" if mode == "full" and torch.cuda.is_available() else "cpu"

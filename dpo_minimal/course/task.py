@@ -18,7 +18,7 @@ in dpo_minimal/data/task_*.jsonl come from the generators here (scripts/make_tas
 
 import random
 import re
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -232,6 +232,21 @@ def reward(prompt: str, response: str) -> float:
 
 # ---- sampling and scoring a model --------------------------------------------------------------
 
+@contextmanager
+def _quiet_padding_check():
+    """Hide transformers' "pass an attention_mask" warning while sampling: each prompt is
+    sampled alone, so nothing is padded, and the course tokenizer's pad token is also its EOS,
+    which is what sets the warning off."""
+    from transformers.utils import logging as transformers_logging
+
+    level = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(level)
+
+
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[str], n_samples: int = 4, temperature: float = 1.0,
            max_new_tokens: int = 32, seed: int = 0, reference: bool = False) -> list[dict]:
@@ -250,7 +265,7 @@ def sample(model, tokenizer, prompts: list[str], n_samples: int = 4, temperature
     model.eval()
     context = model.disable_adapter() if reference else nullcontext()
     rows = []
-    with context:
+    with context, _quiet_padding_check():
         for i, prompt in enumerate(prompts):
             ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
             torch.manual_seed(seed + i)
