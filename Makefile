@@ -1,6 +1,7 @@
 # make course       : set up .venv, run every notebook in smoke mode (outputs and figures/ regenerated)
 # make test         : set up .venv, lint + unit tests + nbval over every notebook, twice: on this
-#                     CPU's kernels and on torch's portable ones (ATEN_CPU_CAPABILITY=default)
+#                     CPU's kernels and on torch's portable ones (ATEN_CPU_CAPABILITY=default);
+#                     the three suites run side by side (TEST_JOBS=1: one after another)
 # make test-latest  : the same suite in .venv-latest, against the newest releases (no constraints)
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,8 +11,10 @@ STAMP := $(VENV)/.installed
 CONSTRAINTS ?= constraints.txt
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 # Test runs write their figures to a scratch folder: figures/ is what make course wrote.
-NBVAL := DPO_COURSE_FIGURES=$(CURDIR)/build/test-figures $(PY) -m pytest -q --nbval \
-  --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
+NBVAL_ARGS := -m pytest -q --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
+NBVAL := DPO_COURSE_FIGURES=$(CURDIR)/build/test-figures $(PY) $(NBVAL_ARGS)
+# Its own scratch folder: the two nbval runs may run at the same time.
+NBVAL_PORTABLE := DPO_COURSE_FIGURES=$(CURDIR)/build/test-figures-portable $(PY) $(NBVAL_ARGS)
 export DPO_COURSE_MODE ?= smoke
 export PYTHONHASHSEED := 0
 export TOKENIZERS_PARALLELISM := false
@@ -40,14 +43,18 @@ course: $(STAMP)
 	done
 	@ls figures
 
-test: lint unit nbval nbval-portable
+# The three suites are independent, and each process runs torch on one thread (tests and
+# notebooks alike), so on CI's 2 cores they run side by side; the log stays in order per suite.
+TEST_JOBS ?= 2
+test: lint
+	$(MAKE) -j$(TEST_JOBS) --output-sync=target unit nbval nbval-portable
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) scripts/slide_metadata.py --check $(NOTEBOOKS)
 
 unit: $(STAMP)
-	$(PY) -m pytest tests/ -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests/ -q
 
 # The committed outputs were written on one CPU; every compared output must come out the same on
 # this one (nbval) and on torch's portable kernels (nbval-portable), so no output that depends on
@@ -57,7 +64,7 @@ nbval: $(STAMP)
 
 # The solutions ran in the nbval pass; here only the committed outputs are compared again.
 nbval-portable: $(STAMP)
-	ATEN_CPU_CAPABILITY=default DPO_COURSE_SOLUTIONS=0 $(NBVAL) notebooks/
+	ATEN_CPU_CAPABILITY=default DPO_COURSE_SOLUTIONS=0 $(NBVAL_PORTABLE) notebooks/
 
 test-latest:
 	$(MAKE) test VENV=.venv-latest CONSTRAINTS=
