@@ -33,8 +33,10 @@ test-colab: $(COLAB_VENV)/.installed
 	$(COLAB_PY) -m pip list 2>/dev/null | grep -E -i "^(torch|transformers|peft|datasets|accelerate) "
 	# The site and its browser test do not touch the ML libraries: they run in make test only.
 	$(COLAB_PY) -m pytest tests/ -q --ignore=tests/test_site.py --ignore=tests/test_browser.py
+	# Notebook 07 is left out: its Colab cell installs trl, which needs datasets >= 4.7, so pip
+	# upgrades Colab's datasets 4.0.0 there; make test runs it on those newer versions.
 	DPO_COURSE_FIGURES=$(CURDIR)/build/test-figures-colab $(COLAB_PY) -m pytest -q --nbval-lax \
-	  --nbval-current-env notebooks/
+	  --nbval-current-env notebooks/ --ignore=notebooks/07_trl_recipe.ipynb
 
 gpu-check-dry: $(STAMP)
 	PYTHON=$(PY) benchmarks/gpu_check.sh --dry-run
