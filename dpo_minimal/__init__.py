@@ -5,6 +5,7 @@ Importing it changes no process state. The course's labs live in `dpo_minimal.co
 
 from .data import (
     collate_pairs,
+    collate_unpaired,
     load_preferences,
     shipped_data_path,
     tokenize_preferences,
@@ -20,6 +21,7 @@ __all__ = [
     "TrainConfig",
     "add_lora",
     "collate_pairs",
+    "collate_unpaired",
     "dpo_loss",
     "load_model",
     "load_preferences",

@@ -48,9 +48,9 @@ TRAIN_OPTIONS = {
 }
 # Where the command line's default differs from the library's.
 CLI_DEFAULTS = {"logging_steps": 10}
-EVAL_FIELDS = ("beta", "loss_type", "label_smoothing", "simpo_gamma", "max_length",
-               "max_prompt_length", "dtype", "eval_batch_size", "device", "fused_gelu",
-               "drop_overlong")
+EVAL_FIELDS = ("beta", "loss_type", "label_smoothing", "simpo_gamma", "desirable_weight",
+               "undesirable_weight", "max_length", "max_prompt_length", "dtype",
+               "eval_batch_size", "device", "fused_gelu", "drop_overlong")
 
 
 def _field_help() -> dict[str, str]:

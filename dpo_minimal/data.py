@@ -20,6 +20,7 @@ SHIPPED = {
     "task_sft": DATA_DIR / "task_sft.jsonl",
 }
 COLUMNS = ("prompt", "chosen", "rejected")
+UNPAIRED_COLUMNS = ("prompt", "completion", "label")  # TRL's unpaired preference format (KTO)
 
 
 class OverlongPromptError(ValueError):
@@ -164,11 +165,11 @@ def _render(messages: list, tokenizer, generation_prompt: bool) -> str:
                                          add_generation_prompt=generation_prompt)
 
 
-def _conversation(prompt: list, chosen: list, rejected: list, where: str, tokenizer) -> dict:
-    """Prompt and replies as text through the tokenizer's chat template."""
+def _conversation(prompt: list, replies: dict, where: str, tokenizer) -> dict:
+    """Prompt and replies ({column: messages}) as text through the tokenizer's chat template."""
     _check_turns(prompt, f"{where}, column 'prompt'", reply=False)
     out = {"prompt": _render(prompt, tokenizer, True)}
-    for column, reply in (("chosen", chosen), ("rejected", rejected)):
+    for column, reply in replies.items():
         _check_turns(reply, f"{where}, column {column!r}", reply=True)
         full = _render(prompt + reply, tokenizer, False)
         if not full.startswith(out["prompt"]):
@@ -207,50 +208,91 @@ def _common_prefix(a, b):
     return n
 
 
+def _is_unpaired(row: dict) -> bool:
+    """Whether a row is in TRL's unpaired preference format: a completion with a bool label
+    (KTO's data), rather than a pair of chosen and rejected responses."""
+    return row.get("completion") is not None or row.get("label") is not None
+
+
+# The columns each format needs, and what to tell a row that lacks one.
+_NEEDS = {False: (("chosen", "rejected"), "every row needs 'chosen' and 'rejected' (and "
+                  "'prompt', unless it is implicit in both)"),
+          True: (("prompt", "completion", "label"), "an unpaired row needs 'prompt', "
+                 "'completion' and 'label' (true for a desirable completion, false otherwise)")}
+
+
 def _normalise(row, where: str, tokenizer=None) -> dict:
-    """One row in any TRL format -> plain-text prompt, chosen, rejected (checked)."""
+    """One row in any TRL format -> plain-text prompt and responses (checked).
+
+    A pair gives prompt, chosen, rejected; an unpaired row prompt, completion, label.
+    """
     if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected a dict (JSON object) with prompt/chosen/rejected, "
-                         f"got {type(row).__name__}.")
-    for column in ("chosen", "rejected"):
+        raise ValueError(f"{where}: expected a dict (JSON object) with prompt/chosen/rejected "
+                         f"(or prompt/completion/label), got {type(row).__name__}.")
+    unpaired = _is_unpaired(row)
+    needed, hint = _NEEDS[unpaired]
+    if unpaired and (row.get("chosen") is not None or row.get("rejected") is not None):
+        raise ValueError(f"{where}: has both pair columns (chosen/rejected) and unpaired ones "
+                         "(completion/label); use one format per row.")
+    for column in needed:
         if column not in row:
-            raise ValueError(f"{where}: missing column {column!r}; every row needs 'chosen' and "
-                             "'rejected' (and 'prompt', unless it is implicit in both).")
-    prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
-    for column, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+            raise ValueError(f"{where}: missing column {column!r}; {hint}.")
+    if unpaired and not isinstance(row["label"], bool):
+        raise ValueError(f"{where}, column 'label': expected true or false (desirable or not), "
+                         f"got {row['label']!r} ({type(row['label']).__name__}); write a JSON "
+                         "boolean, not 1/0 or a string.")
+    prompt = row.get("prompt")
+    replies = {column: row[column] for column in needed if column not in ("prompt", "label")}
+    for column, value in (("prompt", prompt), *replies.items()):
         if isinstance(value, list):
             _check_message_fields(value, f"{where}, column {column!r}")
     if prompt is None:
-        prompt, chosen, rejected = _split_implicit(chosen, rejected, where)
-    kinds = {type(v).__name__ for v in (prompt, chosen, rejected) if isinstance(v, (str, list))}
+        prompt, replies["chosen"], replies["rejected"] = _split_implicit(
+            replies["chosen"], replies["rejected"], where)
+    kinds = {type(v).__name__ for v in (prompt, *replies.values()) if isinstance(v, (str, list))}
     if kinds == {"list"}:
         if tokenizer is None:
             from .models import course_tokenizer
 
             tokenizer = course_tokenizer()
-        out = _conversation(prompt, chosen, rejected, where, tokenizer)
+        out = _conversation(prompt, replies, where, tokenizer)
     elif len(kinds) == 2:
         raise ValueError(f"{where}: mixes formats, some columns are lists of messages "
                          "(conversational) and some plain strings; use one format per row.")
     else:
-        out = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+        out = {"prompt": prompt, **replies}
     for column, value in out.items():
         if not isinstance(value, str):
             raise ValueError(f"{where}, column {column!r}: expected a string (str) or a list of "
                              f"messages, got {type(value).__name__}; fix or drop the row.")
-    for column in ("chosen", "rejected"):
+    for column in replies:
         if not out[column].strip():
             raise ValueError(f"{where}, column {column!r}: the response is empty; a pair needs "
-                             "two non-empty responses, so fix or drop the row.")
+                             "two non-empty responses, an unpaired row one: fix or drop the row.")
+    if unpaired:
+        return {**out, "label": row["label"]}
     if out["chosen"].strip() == out["rejected"].strip():
         raise ValueError(f"{where}: chosen == rejected, which carries no preference; "
                          "fix or drop the row.")
     return out
 
 
+def _check_one_format(rows: list) -> None:
+    """All rows paired, or all unpaired: a data set that mixes them is refused, naming a row
+    of each (dicts only; `_normalise` names any other row)."""
+    dicts = [(where, _is_unpaired(row)) for where, row in rows if isinstance(row, dict)]
+    first = {unpaired: where for where, unpaired in reversed(dicts)}
+    if len(first) == 2:
+        raise ValueError(f"the data mixes formats: {first[False]} is a pair (prompt, chosen, "
+                         f"rejected) and {first[True]} unpaired (prompt, completion, label). Use "
+                         "one: split each pair into two unpaired rows (chosen with label true, "
+                         "rejected with label false), or drop the unpaired rows.")
+
+
 def load_preferences(source, split: str = "train", prompt_template: str | None = None,
                      tokenizer=None) -> Dataset:
-    """Load preference pairs as a Dataset with string columns prompt, chosen and rejected.
+    """Load preference pairs as a Dataset with string columns prompt, chosen and rejected, or
+    unpaired rows (KTO's data) with prompt, completion (strings) and label (bool).
 
     Args:
         source: a .jsonl/.json path, a list of dicts, a `datasets.Dataset`, or a Hub name
@@ -264,18 +306,22 @@ def load_preferences(source, split: str = "train", prompt_template: str | None =
 
     Accepts TRL's formats: standard (strings), conversational (lists of {"role", "content"}
     messages, checked for roles, turn order and contents) and implicit prompt (no prompt
-    column: the shared start of chosen and rejected is the prompt). Other columns (e.g.
-    "system") are kept. Bad rows raise ValueError naming the row (file and line for a file),
-    the column and the fix; a missing file raises FileNotFoundError.
+    column: the shared start of chosen and rejected is the prompt), and the unpaired
+    preference format: {"prompt", "completion", "label": true (desirable) or false}, standard
+    or conversational (the completion a list of assistant messages). A data set is all pairs or
+    all unpaired rows; a mix raises. Other columns (e.g. "system") are kept. Bad rows raise
+    ValueError naming the row (file and line for a file), the column and the fix; a missing
+    file raises FileNotFoundError.
     """
     rows = _read_rows(source, split)
     if not rows:
         name = f" {source}" if isinstance(source, (str, Path)) else ""
         raise ValueError(f"the preference data set{name} is empty: it needs at least one pair.")
+    _check_one_format(rows)
     out = []
     for where, row in rows:
         pair = _normalise(row, where, tokenizer)
-        extra = {k: v for k, v in row.items() if k not in COLUMNS}
+        extra = {k: v for k, v in row.items() if k not in COLUMNS + UNPAIRED_COLUMNS}
         if prompt_template is not None:
             try:
                 pair["prompt"] = prompt_template.format(prompt=pair["prompt"],
@@ -305,13 +351,15 @@ def tokenize_pair(example: dict, tokenizer, max_length: int,
     Returns prompt_ids, chosen_ids, rejected_ids (lists of ints).
     """
     texts = [example["prompt"], example["chosen"], example["rejected"]]
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return _truncate(*ids, tokenizer, max_length, max_prompt_length)
+    prompt_ids, chosen_ids, rejected_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return _truncate(prompt_ids, {"chosen": chosen_ids, "rejected": rejected_ids}, tokenizer,
+                     max_length, max_prompt_length)
 
 
-def _truncate(prompt_ids, chosen_ids, rejected_ids, tokenizer, max_length: int,
+def _truncate(prompt_ids, responses: dict, tokenizer, max_length: int,
               max_prompt_length: int | None) -> dict:
-    """tokenize_pair's truncation rule on already encoded texts."""
+    """tokenize_pair's truncation rule on already encoded texts: prompt_ids and, for each
+    response {name: ids}, name_ids."""
     if max_prompt_length is not None and max_prompt_length <= 0:
         raise ValueError(f"max_prompt_length must be positive or None, got {max_prompt_length}.")
     if tokenizer.eos_token_id is None:
@@ -324,16 +372,14 @@ def _truncate(prompt_ids, chosen_ids, rejected_ids, tokenizer, max_length: int,
             f"the prompt alone has {len(prompt_ids)} tokens, which fills max_length={max_length}: "
             "raise max_length, set max_prompt_length below it, or drop such pairs "
             "(drop_overlong=True in tokenize_preferences or TrainConfig).")
-    return {
-        "prompt_ids": prompt_ids,
-        "chosen_ids": (chosen_ids + [tokenizer.eos_token_id])[:room],
-        "rejected_ids": (rejected_ids + [tokenizer.eos_token_id])[:room],
-    }
+    return {"prompt_ids": prompt_ids, **{f"{name}_ids": (ids + [tokenizer.eos_token_id])[:room]
+                                          for name, ids in responses.items()}}
 
 
 def tokenize_preferences(data, tokenizer, max_length: int, max_prompt_length: int | None = None,
                          drop_overlong: bool = False) -> list[dict]:
-    """tokenize_pair over a data set (rows with prompt, chosen, rejected).
+    """tokenize_pair over a data set (rows with prompt, chosen, rejected), or over unpaired
+    rows (prompt, completion, label), which give prompt_ids, completion_ids and label.
 
     Every text goes to the tokenizer in one batched call (a fast tokenizer then encodes them
     together); the ids are the same as pair by pair. A pair whose prompt alone fills
@@ -342,13 +388,19 @@ def tokenize_preferences(data, tokenizer, max_length: int, max_prompt_length: in
     """
     check_pad_token(tokenizer)
     rows = list(data)
-    texts = [row[column] for row in rows for column in ("prompt", "chosen", "rejected")]
+    unpaired = bool(rows) and _is_unpaired(rows[0])
+    responses = ("completion",) if unpaired else ("chosen", "rejected")
+    columns = ("prompt", *responses)
+    texts = [row[column] for row in rows for column in columns]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-    out, dropped = [], []
+    out, dropped, k = [], [], len(columns)
     for i in range(len(rows)):
+        prompt_ids, *response_ids = ids[k * i: k * i + k]
         try:
-            out.append(_truncate(*ids[3 * i: 3 * i + 3], tokenizer, max_length,
-                                 max_prompt_length))
+            out.append(_truncate(prompt_ids, dict(zip(responses, response_ids)), tokenizer,
+                                 max_length, max_prompt_length))
+            if unpaired:
+                out[-1]["label"] = rows[i]["label"]
         except OverlongPromptError as err:
             if not drop_overlong:
                 raise OverlongPromptError(f"row {i}: {err}") from None
@@ -373,6 +425,30 @@ def collate_pairs(pairs: list[dict], pad_token_id: int) -> dict:
     """
     rows = [(p["prompt_ids"], p["chosen_ids"]) for p in pairs]
     rows += [(p["prompt_ids"], p["rejected_ids"]) for p in pairs]
+    return _collate_rows(rows, pad_token_id)
+
+
+def collate_unpaired(examples: list[dict], pad_token_id: int,
+                     max_length: int | None = None) -> dict:
+    """Stack B tokenised unpaired examples into a (B, T) batch for KTO, with its mismatched rows.
+
+    Returns input_ids, attention_mask and loss_mask (B, T), as `collate_pairs` pads them; `label`
+    (B,) bool, True for a desirable completion; and `kl`, a batch of the same three keys whose
+    row i is prompt i followed by completion i-1 (the completions rotated by one, as in TRL:
+    x_1 gets y_B). KTO's reference point z0 is the mean policy/reference log-ratio on these
+    mismatched pairs (Ethayarajh et al. 2024). A borrowed completion is cut from the
+    right to fit `max_length` after its new prompt (None: no cut).
+    """
+    rows = [(e["prompt_ids"], e["completion_ids"]) for e in examples]
+    room = [None if max_length is None else max_length - len(e["prompt_ids"]) for e in examples]
+    mismatched = [(prompt, completion[:n]) for (prompt, _), (_, completion), n
+                  in zip(rows, rows[-1:] + rows[:-1], room)]
+    return {**_collate_rows(rows, pad_token_id), "kl": _collate_rows(mismatched, pad_token_id),
+            "label": torch.tensor([e["label"] for e in examples], dtype=torch.bool)}
+
+
+def _collate_rows(rows: list[tuple[list, list]], pad_token_id: int) -> dict:
+    """(prompt ids, response ids) rows -> right-padded input_ids, attention_mask, loss_mask."""
     width = max(len(a) + len(b) for a, b in rows)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)

@@ -161,8 +161,9 @@ def kto_loss(
         policy_kl_logps, reference_kl_logps: (M,) log-probs of the mismatched completions
             under the policy and the reference. Both None means z0 = 0.
         beta: KL weight, as in DPO.
-        lambda_d, lambda_u: weights of desirable and undesirable examples (> 0); the paper
-            picks them so that lambda_d n_d / (lambda_u n_u) is in [1, 4/3].
+        lambda_d, lambda_u: weights of desirable and undesirable examples (> 0; TRL's
+            desirable_weight and undesirable_weight); the paper picks them so that
+            lambda_d n_d / (lambda_u n_u) is in [1, 4/3].
 
     Returns:
         losses (B,), rewards (B,) = beta * r detached, z0 (a 0-d tensor).
@@ -248,10 +249,11 @@ def orpo_loss(
 class PreferenceLoss:
     """One entry of the loss registry: how `train` turns a concatenated batch into losses.
 
-    `fn(policy_logps, reference_logps, lengths, beta, label_smoothing, simpo_gamma)` takes
-    (2B,) tensors (rows 0..B-1 chosen, B..2B-1 rejected; `reference_logps` is None when the
-    loss needs no reference) and returns per-pair losses (B,) and the chosen and rejected
-    rewards (B,) that the metrics report.
+    `fn(policy_logps, reference_logps, lengths, config)` takes (2B,) tensors (rows 0..B-1
+    chosen, B..2B-1 rejected; `reference_logps` is None when the loss needs no reference) and
+    the settings (a `TrainConfig`: beta, label_smoothing, simpo_gamma, desirable_weight,
+    undesirable_weight), and returns per-pair losses (B,) and the chosen and rejected rewards
+    (B,) that the metrics report.
     """
 
     fn: Callable
@@ -260,34 +262,39 @@ class PreferenceLoss:
 
 
 def _dpo_family(loss_type: str) -> Callable:
-    def fn(policy, reference, lengths, beta, label_smoothing, simpo_gamma):
+    def fn(policy, reference, lengths, config):
         b = policy.shape[0] // 2
         if reference is None:  # simpo: no reference; its formula does not read these
             reference = torch.zeros_like(policy)
-        return _dpo_losses(policy[:b], policy[b:], reference[:b], reference[b:], beta, loss_type,
-                           label_smoothing, lengths[:b], lengths[b:], simpo_gamma)
+        return _dpo_losses(policy[:b], policy[b:], reference[:b], reference[b:], config.beta,
+                           loss_type, config.label_smoothing, lengths[:b], lengths[b:],
+                           config.simpo_gamma)
     return fn
 
 
-def _kto_pairs(policy, reference, lengths, beta, label_smoothing, simpo_gamma):
+def _kto_pairs(policy, reference, lengths, config):
     """KTO on pairs: each chosen response is a desirable example, each rejected one not.
 
     The reference point z0 is estimated from the batch's own 2B completions rather than from
     mismatched (prompt, other completion) pairs as in the paper and TRL: one forward pass less,
-    at the price of a biased estimate. A pair's loss is the mean of its two examples' losses.
+    at the price of a biased estimate (the matched log-ratios are the ones being trained).
+    Unpaired data (`data.collate_unpaired`) gets the paper's estimate. A pair's loss is the
+    mean of its two examples' losses.
     """
     b = policy.shape[0] // 2
     desirable = torch.arange(2 * b, device=policy.device) < b
-    losses, rewards, _ = kto_loss(policy, reference, desirable, policy, reference, beta=beta)
+    losses, rewards, _ = kto_loss(policy, reference, desirable, policy, reference,
+                                  beta=config.beta, lambda_d=config.desirable_weight,
+                                  lambda_u=config.undesirable_weight)
     return (losses[:b] + losses[b:]) / 2, rewards[:b], rewards[b:]
 
 
-def _orpo_pairs(policy, reference, lengths, beta, label_smoothing, simpo_gamma):
+def _orpo_pairs(policy, reference, lengths, config):
     """ORPO with beta as its odds-ratio weight lambda (as TRL's ORPOConfig does).
 
     The rewards reported are beta times the per-token average log-likelihoods, as in TRL.
     """
-    b = policy.shape[0] // 2
+    b, beta = policy.shape[0] // 2, config.beta
     losses, _, _ = orpo_loss(policy[:b], policy[b:], lengths[:b], lengths[b:], lambda_or=beta)
     average = (policy / lengths).detach()
     return losses, beta * average[:b], beta * average[b:]

@@ -20,9 +20,15 @@ from torch.utils.data import BatchSampler, RandomSampler
 from tqdm.auto import tqdm
 
 from .adapters import save_adapter
-from .data import check_pad_token, collate_pairs, load_preferences, tokenize_preferences
+from .data import (
+    check_pad_token,
+    collate_pairs,
+    collate_unpaired,
+    load_preferences,
+    tokenize_preferences,
+)
 from .logprobs import DTYPES, _is_peft, batch_logps, response_logps
-from .losses import LOSSES, check_loss_settings
+from .losses import LOSSES, check_loss_settings, kto_loss
 from .models import fused_gelu
 
 SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
@@ -43,6 +49,8 @@ class TrainConfig:
     loss_type: str = "sigmoid"  # a key of dpo_minimal.losses.LOSSES
     label_smoothing: float = 0.0  # assumed share of flipped labels (cDPO / robust DPO)
     simpo_gamma: float = 0.5  # SimPO's target reward margin
+    desirable_weight: float = 1.0  # KTO's lambda_D, the weight of desirable (chosen) examples
+    undesirable_weight: float = 1.0  # KTO's lambda_U, the weight of undesirable examples
     seed: int = 0  # data order and torch's random state
     dtype: str = "float32"  # compute dtype (autocast); float16 needs CUDA (GradScaler)
     gradient_checkpointing: bool = False  # recompute activations in the backward: less memory
@@ -94,6 +102,14 @@ class TrainConfig:
             raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}: 0 would "
                              "zero every gradient and a negative norm reverses them; use None "
                              "for no clipping (1.0 is the usual value).")
+        for name in ("desirable_weight", "undesirable_weight"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value} (1.0 weighs "
+                                 "desirable and undesirable examples alike).")
+            if value != 1.0 and self.loss_type != "kto":
+                raise ValueError(f"{name} weighs KTO's examples; loss_type={self.loss_type!r} "
+                                 f"does not use it: leave it at 1.0 or set loss_type='kto'.")
         if not 0 <= self.weight_decay < 1 or not 0 <= self.simpo_gamma < 1e3:
             raise ValueError(f"weight_decay must be in [0, 1) and simpo_gamma >= 0, got "
                              f"{self.weight_decay} and {self.simpo_gamma}.")
@@ -166,7 +182,8 @@ class Reference:
     - `Reference(model=ref_model)`: a separate frozen model;
     - either of those with `cache=torch.full((n_pairs, 2), nan)`: each pair's chosen and
       rejected log-probs are kept after their first pass, so later epochs skip the reference
-      forward; `Reference.frozen(...)` fills the cache from a model up front.
+      forward; `Reference.frozen(...)` fills the cache from a model up front. For unpaired
+      examples the cache is (n_examples, 1), one completion each.
     A cache answers a batch when it holds every pair of it; that is valid because the
     reference never changes (a recomputation in a differently padded batch would differ only
     by float rounding).
@@ -181,7 +198,7 @@ class Reference:
         """A cache of `model`'s log-probs now, for every pair: full fine-tuning's reference."""
         was_training = model.training
         model.eval()
-        reference = cls(cache=torch.zeros(len(pairs), 2))
+        reference = cls(cache=torch.zeros(len(pairs), _rows_per_example(pairs)))
         for chunk in _in_order(pairs, batch_size):
             batch = _collate(chunk, tokenizer)
             reference._store(batch, _logps(model, batch, dtype))
@@ -190,12 +207,12 @@ class Reference:
 
     @torch.no_grad()
     def logps(self, policy, batch: dict, dtype: str = "float32") -> torch.Tensor:
-        """(2B,) log pi_ref of the batch's rows, on the policy's device."""
+        """(2B,) log pi_ref of the batch's rows (B, unpaired), on the policy's device."""
         if self.cache is not None:
             cached = self.cache[batch["index"]]
             if not cached.isnan().any():
                 device = next(policy.parameters()).device
-                return torch.cat([cached[:, 0], cached[:, 1]]).to(device)
+                return cached.T.reshape(-1).to(device)  # column by column: chosen, rejected
         if self.model is not None:
             logps = _logps(self.model, batch, dtype)
         elif _is_peft(policy):
@@ -209,8 +226,17 @@ class Reference:
         return logps
 
     def _store(self, batch: dict, logps: torch.Tensor) -> None:
-        b = len(batch["index"])
-        self.cache[batch["index"]] = torch.stack([logps[:b], logps[b:]], 1).float().cpu()
+        self.cache[batch["index"]] = _per_example(logps, len(batch["index"])).float().cpu()
+
+
+def _per_example(logps: torch.Tensor, b: int) -> torch.Tensor:
+    """(2B,) chosen-then-rejected log-probs -> (B, 2), one row a pair ((B,) -> (B, 1))."""
+    return logps.reshape(-1, b).T
+
+
+def _rows_per_example(pairs: list[dict]) -> int:
+    """Forward rows an example takes: 2 for a pair (chosen, rejected), 1 for unpaired data."""
+    return 1 if pairs and "completion_ids" in pairs[0] else 2
 
 
 def preference_step(policy_logps: torch.Tensor, reference_logps: torch.Tensor | None,
@@ -222,12 +248,17 @@ def preference_step(policy_logps: torch.Tensor, reference_logps: torch.Tensor | 
     `LOSSES[config.loss_type]`; for DPO (Eq 7 of the paper)
     -log sigma(beta [log pi(y_w)/pi_ref(y_w) - log pi(y_l)/pi_ref(y_l)]).
     The sums (divide by the number of pairs for means) use TRL's metric names.
+
+    An unpaired batch (`collate_unpaired`, with `label`) trains KTO: the log-probs are (B,),
+    one per example, `batch["kl_logps"]` the (policy, reference) log-probs of its mismatched
+    rows, which estimate z0 (absent: z0 = 0), and the losses are `kto_loss`'s (B,).
     """
+    if "label" in batch:
+        return _kto_step(policy_logps, reference_logps, batch, config)
     b = policy_logps.shape[0] // 2
     lengths = batch["loss_mask"].sum(-1).to(policy_logps.device).float()
     losses, chosen_r, rejected_r = LOSSES[config.loss_type].fn(
-        policy_logps, reference_logps, lengths, config.beta, config.label_smoothing,
-        config.simpo_gamma)
+        policy_logps, reference_logps, lengths, config)
     sums = {
         "loss": losses.detach().sum().item(),
         "rewards/chosen": chosen_r.sum().item(),
@@ -240,15 +271,60 @@ def preference_step(policy_logps: torch.Tensor, reference_logps: torch.Tensor | 
     return losses, sums
 
 
-def _collate(chunk: list[dict], tokenizer) -> dict:
-    """`collate_pairs`, plus the pairs' data-set rows (for the reference cache)."""
-    batch = collate_pairs(chunk, tokenizer.pad_token_id)
+def _kto_step(policy_logps, reference_logps, batch, config):
+    """`preference_step` on unpaired examples. As TRL does, rewards/chosen and logps/chosen
+    sum over the desirable examples and .../rejected over the undesirable ones (counted under
+    count/*, so that `_mean` divides by those counts); kl sums z0, once per example."""
+    if config.loss_type != "kto":
+        raise ValueError(_UNPAIRED_LOSS.format(config.loss_type))
+    desirable = batch["label"].to(policy_logps.device)
+    losses, rewards, z0 = kto_loss(
+        policy_logps, reference_logps, desirable, *batch.get("kl_logps", (None, None)),
+        beta=config.beta, lambda_d=config.desirable_weight, lambda_u=config.undesirable_weight)
+    logps, undesirable = policy_logps.detach(), ~desirable
+    sums = {"loss": losses.detach().sum().item(),
+            "rewards/chosen": rewards[desirable].sum().item(),
+            "rewards/rejected": rewards[undesirable].sum().item(),
+            "logps/chosen": logps[desirable].sum().item(),
+            "logps/rejected": logps[undesirable].sum().item(),
+            "kl": z0.item() * len(desirable),
+            "count/desirable": desirable.sum().item(),
+            "count/undesirable": undesirable.sum().item()}
+    return losses, sums
+
+
+_UNPAIRED_LOSS = ("the data is unpaired (prompt, completion, label), which only loss_type='kto' "
+                  "trains, not loss_type={!r}: set loss_type='kto', or pass pairs (prompt, "
+                  "chosen, rejected).")
+
+
+def _collate(chunk: list[dict], tokenizer, max_length: int | None = None) -> dict:
+    """`collate_pairs` (or `collate_unpaired`), plus the data-set rows (for the reference
+    cache)."""
+    if "completion_ids" in chunk[0]:
+        batch = collate_unpaired(chunk, tokenizer.pad_token_id, max_length)
+    else:
+        batch = collate_pairs(chunk, tokenizer.pad_token_id)
     batch["index"] = torch.tensor([p["index"] for p in chunk])
     return batch
 
 
+@torch.no_grad()
+def _kl_logps(model, batch: dict, dtype: str, reference_model=None):
+    """(policy, reference) log-probs of an unpaired batch's mismatched rows, batch["kl"].
+
+    Without gradient, as in TRL: z0 is detached, so these rows need no backward pass. Their
+    reference is computed each time (never cached): which completion a prompt borrows depends
+    on the batch it was drawn in.
+    """
+    return (_logps(model, batch["kl"], dtype),
+            Reference(reference_model).logps(model, batch["kl"], dtype))
+
+
 def _tokenize(data, tokenizer, config: TrainConfig) -> list[dict]:
     data = load_preferences(data)  # the same row checks for raw rows as for loaded files
+    if "label" in data.column_names and config.loss_type != "kto":
+        raise ValueError(_UNPAIRED_LOSS.format(config.loss_type))
     pairs = tokenize_preferences(data, tokenizer, config.max_length, config.max_prompt_length,
                                  drop_overlong=config.drop_overlong)
     return [{**pair, "index": i} for i, pair in enumerate(pairs)]
@@ -393,8 +469,22 @@ def _peak_memory_gib(device: torch.device) -> float:
     return rss / (2**30 if sys.platform == "darwin" else 2**20)
 
 
+# Unpaired KTO's metrics of desirable (chosen) or undesirable (rejected) examples alone: the
+# mean over those examples, left out of a step that drew none (as TRL does).
+_COUNTED = {"rewards/chosen": "count/desirable", "logps/chosen": "count/desirable",
+            "rewards/rejected": "count/undesirable", "logps/rejected": "count/undesirable"}
+
+
 def _mean(totals: dict, n: int) -> dict:
-    return {key: value / n for key, value in totals.items()}
+    """Sums over n examples -> means; with count/* (unpaired KTO), `_COUNTED` metrics are means
+    over their examples and rewards/margins is their difference."""
+    if "count/desirable" not in totals:
+        return {key: value / n for key, value in totals.items()}
+    means = {key: value / totals.get(_COUNTED.get(key), n) for key, value in totals.items()
+             if not key.startswith("count/") and totals.get(_COUNTED.get(key), n)}
+    if "rewards/chosen" in means and "rewards/rejected" in means:
+        means["rewards/margins"] = means["rewards/chosen"] - means["rewards/rejected"]
+    return means
 
 
 def _add(totals: dict, sums: dict) -> None:
@@ -408,9 +498,11 @@ def _evaluate_pairs(model, tokenizer, pairs, config, reference: Reference) -> di
     model.eval()
     totals = {}
     for chunk in _in_order(pairs, config.eval_batch_size):
-        batch = _collate(chunk, tokenizer)
+        batch = _collate(chunk, tokenizer, config.max_length)
         policy, entropy = _logps(model, batch, config.dtype, with_entropy=True)
         ref = reference.logps(model, batch, config.dtype) if _needs_reference(config) else None
+        if "kl" in batch:
+            batch["kl_logps"] = _kl_logps(model, batch, config.dtype, reference.model)
         _add(totals, preference_step(policy, ref, batch, config)[1])
         _add(totals, {"entropy": entropy.item() * len(chunk)})
     model.train(was_training)
@@ -492,7 +584,9 @@ def evaluate(model, tokenizer, data, config: TrainConfig, reference_model=None) 
     Keys: loss, rewards/{chosen,rejected,accuracies,margins}, logps/{chosen,rejected} and
     entropy (mean next-token entropy of the policy on the responses, nats). The reference is
     the peft model with its adapter disabled, or `reference_model` if given. Like `train`, it
-    runs the tanh GELU fused when config.fused_gelu is set.
+    runs the tanh GELU fused when config.fused_gelu is set. Unpaired data (loss_type="kto")
+    gives KTO's metrics as `train` logs them (no accuracies; kl is z0), z0 estimated per chunk
+    of eval_batch_size examples in data order (a last chunk of one borrows its own completion).
     """
     check_pad_token(tokenizer)
     _device(config, model)
@@ -540,6 +634,13 @@ def train(model, tokenizer, train_data, config: TrainConfig, eval_data=None,
       for the newest in `output_dir`) continues a run: on CPU its History equals the
       uninterrupted run's bit for bit, timing fields aside.
     - A non-finite loss stops training with NonFiniteLossError naming the step and dtype.
+    - KTO (loss_type="kto") trains on pairs (z0 from the batch's own completions: cheaper,
+      biased) or on unpaired rows (prompt, completion, label) with the paper's z0: the mean
+      log-ratio, clamped at 0, of each prompt with the previous example's completion
+      (`collate_unpaired`), without gradient; one z0 per micro-batch, as in TRL, averaged over
+      the processes (each rotates its own share). Unpaired data needs LoRA and batch_size >= 2;
+      rewards/chosen and logps/chosen average over the desirable examples, .../rejected over
+      the undesirable ones (left out of a step that drew none), and kl is z0.
     - Data parallel: run under `accelerate launch` or `torchrun` with N processes (the process
       group is joined here if the caller has not). Each process takes its `batch_size` share of
       every global batch of batch_size x N pairs, the gradients are averaged over the processes
@@ -550,6 +651,19 @@ def train(model, tokenizer, train_data, config: TrainConfig, eval_data=None,
     run = _Run(model, tokenizer, train_data, config, eval_data, resume_from)
     with _fast_activations(config, model):
         return _train(run)
+
+
+def _check_unpaired(config: TrainConfig, model, pairs: list, eval_pairs: list | None) -> None:
+    """What unpaired KTO needs, checked before any work."""
+    if _rows_per_example(pairs) == 1 and config.batch_size < 2:
+        raise ValueError("unpaired KTO estimates z0 from each prompt with another example's "
+                         "completion of its micro-batch, and batch_size=1 leaves none: use "
+                         "batch_size >= 2 (TRL refuses 1 too).")
+    if 1 in (_rows_per_example(pairs), _rows_per_example(eval_pairs)) and not _is_peft(model):
+        raise ValueError("unpaired KTO needs reference log-probs of new (prompt, borrowed "
+                         "completion) pairs at every step, which full fine-tuning's frozen "
+                         "reference cannot give: add a LoRA adapter (add_lora(model)), or train "
+                         "KTO on pairs (prompt, chosen, rejected).")
 
 
 def _device(config: TrainConfig, model) -> torch.device:
@@ -598,6 +712,7 @@ class _Run:
                              "use 'float32' or 'bfloat16'.")
         self.pairs = _tokenize(train_data, tokenizer, config)
         self.eval_pairs = None if eval_data is None else _tokenize(eval_data, tokenizer, config)
+        _check_unpaired(config, model, self.pairs, self.eval_pairs)
         self.batches = _Batches(self.pairs, config.batch_size, config.seed, self.world.rank,
                                 self.world.size)
         checkpoint = None if resume_from is None else _checkpoint_to_resume(resume_from, config)
@@ -632,17 +747,20 @@ class _Run:
                 for pairs in (self.pairs, self.eval_pairs))
         if not config.cache_reference:  # the disabled adapter at every step
             return Reference(), Reference()
-        return tuple(Reference(cache=torch.full((len(pairs or []), 2), float("nan")))
+        return tuple(Reference(cache=torch.full((len(pairs or []), _rows_per_example(pairs)),
+                                                float("nan")))
                      for pairs in (self.pairs, self.eval_pairs))
 
     def micro_step(self, step: int) -> tuple[dict, int]:
         """Forward and backward on one micro-batch: (metric sums, tokens)."""
         config = self.config
-        batch = _collate(next(self.batches), self.tokenizer)
+        batch = _collate(next(self.batches), self.tokenizer, config.max_length)
         ref = (self.reference.logps(self.model, batch, config.dtype)
                if _needs_reference(config) else None)
         if ref is not None and self.reference.cache is not None and self.world.size > 1:
             self._share_reference(batch, ref)
+        if "kl" in batch:
+            batch["kl_logps"] = self._kl_logps(batch)
         policy = _logps(self.model, batch, config.dtype)
         losses, sums = preference_step(policy, ref, batch, config)
         loss = losses.mean() / config.gradient_accumulation_steps
@@ -657,14 +775,21 @@ class _Run:
         self.scaler.scale(loss).backward()
         return sums, int(batch["attention_mask"].sum())
 
+    def _kl_logps(self, batch: dict):
+        """`_kl_logps` of the mismatched rows of every process: KTO's z0 is one mean over the
+        global micro-batch (TRL gathers it likewise), each process's rows rotated within its
+        own share. Per micro-batch, as in TRL: under gradient accumulation each micro-batch
+        has its own z0, since its loss and backward come before the next one is drawn."""
+        kl = _kl_logps(self.model, batch, self.config.dtype)
+        return kl if self.world.size == 1 else tuple(self.world.gather(t) for t in kl)
+
     def _share_reference(self, batch: dict, logps: torch.Tensor) -> None:
         """Put every process's reference log-probs of this micro-batch in every process's cache.
 
         Rows are global pair indices, so the caches stay equal (rank 0 saves its own) and a
         pair drawn later by another process is not computed again.
         """
-        b = len(batch["index"])
-        rows = torch.stack([logps[:b], logps[b:]], 1).float()
+        rows = _per_example(logps, len(batch["index"])).float()
         self.reference.cache[self.world.gather(batch["index"])] = self.world.gather(rows).cpu()
 
     def step(self, step: int) -> dict:
@@ -813,21 +938,34 @@ def _checkpoint_to_resume(resume_from, config: TrainConfig) -> Path:
         raise ValueError(f"resume_from={str(resume_from)!r} is not a checkpoint folder (no "
                          "state.pt in it): pass a checkpoint-{step}/ folder written by train.")
     saved = json.loads((path / "config.json").read_text())
-    changed = {k: (saved.get(k), v) for k, v in asdict(config).items()
-               if k not in _RESUMABLE and saved.get(k) != v}
+    defaults = asdict(TrainConfig())  # a field added since the checkpoint was written: default
+    changed = {k: (saved.get(k, defaults[k]), v) for k, v in asdict(config).items()
+               if k not in _RESUMABLE and saved.get(k, defaults[k]) != v}
     if changed:
         raise ValueError(f"{path} was written with other settings {changed} (saved, now): "
                          "resume with the config it was trained with.")
     return path
 
 
+# What a progress line shows of a History row, where the row has it: name -> (key, format).
+_SHOWN = {"loss": ("loss", ".4f"), "acc": ("rewards/accuracies", ".3f"),
+          "margin": ("rewards/margins", ".4f"), "kl": ("kl", ".4f")}
+
+
+def _shown(row: dict) -> dict:
+    return {name: format(row[key], form) for name, (key, form) in _SHOWN.items() if key in row}
+
+
 def metrics_line(row: dict, max_steps: int) -> str:
-    """One History row as a line of text: step, loss, accuracy, margin, lr, speed, eval loss."""
-    line = (f"step {row['step'] + 1}/{max_steps}  loss {row['loss']:.4f}  "
-            f"acc {row['rewards/accuracies']:.3f}  margin {row['rewards/margins']:.4f}  "
-            f"lr {row['learning_rate']:.2e}  {row['tokens_per_second']:.0f} tok/s")
+    """One History row as a line of text: step, loss, accuracy, margin (KTO on unpaired data:
+    margin and kl, its z0), lr, speed, eval loss."""
+    line = f"step {row['step'] + 1}/{max_steps}"
+    line += "".join(f"  {name} {value}" for name, value in _shown(row).items())
+    line += f"  lr {row['learning_rate']:.2e}  {row['tokens_per_second']:.0f} tok/s"
     if "eval/loss" in row:
-        line += f"  eval loss {row['eval/loss']:.4f} acc {row['eval/rewards/accuracies']:.3f}"
+        line += f"  eval loss {row['eval/loss']:.4f}"
+        if "eval/rewards/accuracies" in row:
+            line += f" acc {row['eval/rewards/accuracies']:.3f}"
     return line
 
 
@@ -846,8 +984,7 @@ def _train(run: _Run) -> History:
             done, run.step_state = step + 1, run._step_state()
             if run.evaluation_due(step):
                 history[-1].update(run.evaluate())
-            bar.set_postfix(loss=f"{history[-1]['loss']:.4f}",
-                            acc=f"{history[-1]['rewards/accuracies']:.2f}")
+            bar.set_postfix(_shown(history[-1]))
             if main and config.logging_steps and done % config.logging_steps == 0:
                 tqdm.write(metrics_line(history[-1], config.max_steps))
             if config.save_steps and (done % config.save_steps == 0 or done == config.max_steps):
