@@ -454,39 +454,6 @@ def _model_config(args, parser):
                      f"AutoConfig; AutoConfig.from_pretrained('{args.model}')\".")
 
 
-def parallel_plan(config, plan: dict, processes: int, fsdp: bool, dtype: str) -> dict:
-    """`plan_memory`'s GiB per GPU when `processes` GPUs train together (an estimate).
-
-    Data parallel (DDP): each GPU holds the whole plan (a replica and its own micro-batch of
-    `batch_pairs`), plus the flat buffer in which `dpo_minimal.train` all-reduces gradients (at
-    most 2**25 float32 values at a time). FSDP (full fine-tuning, `plan` with lora_r=0): the
-    float32 weights, gradients and AdamW moments are split over the GPUs; while it computes,
-    each GPU also holds the root group gathered (embeddings, final norm, head: FSDP keeps it for
-    the backward) and two gathered decoder blocks (the current one and the prefetched next), in
-    the compute dtype (`shard_fsdp` gathers in it). Activations, logits and the CUDA context
-    are per GPU either way.
-    """
-    from .memory import DTYPE_BYTES, GIB, meta_model
-
-    out = {key: value for key, value in plan.items() if key != "total"}
-    if fsdp:
-        model = meta_model(config)
-        blocks = [m for m in model.modules() if type(m).__name__ in model._no_split_modules]
-        block = max(sum(p.numel() for p in b.parameters()) for b in blocks)
-        root = sum(p.numel() for p in model.parameters()) - sum(
-            p.numel() for b in blocks for p in b.parameters())
-        for key in ("weights", "lora_gradients", "optimizer_state"):
-            out[key] = plan[key] / processes
-        extra = {"gathered_weights": (root + 2 * block) * DTYPE_BYTES[DTYPES[dtype]] / GIB}
-    else:
-        trained = plan["lora_gradients"] * GIB / 4  # float32 gradients: 4 bytes each
-        extra = {"gradient_bucket": min(trained, 2**25) * 4 / GIB if processes > 1 else 0.0}
-    out.update(extra)
-    summed = ("weights", "lora_parameters", "lora_gradients", "optimizer_state", "activations",
-              "logits", "cuda_context", *extra)
-    return {**out, "total": sum(out[key] for key in summed)}
-
-
 # How `plan` prints plan_memory's keys.
 LABELS = {"weights": "weights", "lora_parameters": "LoRA adapters",
           "lora_gradients": "gradients (of the trained weights)",
@@ -498,7 +465,7 @@ LABELS = {"weights": "weights", "lora_parameters": "LoRA adapters",
 
 
 def _plan_command(args, parser) -> int:
-    from .memory import T4_USABLE_GIB, plan_memory
+    from .memory import T4_USABLE_GIB, parallel_plan, plan_memory
 
     if args.processes < 1:
         parser.error(f"--processes must be >= 1, got {args.processes}.")

@@ -75,18 +75,27 @@ def _is_peft(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
+def _is_fsdp(model) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch build without torch.distributed
+        return False
+    return isinstance(model, FSDPModule)
+
+
 def response_logits(model, input_ids, attention_mask, mask) -> torch.Tensor:
     """(N, V) logits at the N positions where `mask` (B, T-1) is set: `logits[:, :-1][mask]`.
 
     Where the architecture's logits are exactly lm_head(last hidden state) (its registry entry
     says so) and any adapter is LoRA, the head is applied to those positions only: the
     (B, T, V) logits, the largest activation of a small model, are never built, nor their
-    gradient. Other models go through their own forward.
+    gradient. Other models go through their own forward, and so does a model sharded by FSDP,
+    whose forward hooks gather the shards (the shortcut would skip the root's embeddings and head).
     """
     from .models import has_plain_head
 
     base = model.get_base_model() if _is_peft(model) else model
-    plain = has_plain_head(base) and (
+    plain = not _is_fsdp(model) and has_plain_head(base) and (
         not _is_peft(model) or all(c.peft_type == "LORA" for c in model.peft_config.values()))
     if not plain:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits

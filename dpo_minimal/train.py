@@ -27,7 +27,7 @@ from .data import (
     load_preferences,
     tokenize_preferences,
 )
-from .logprobs import DTYPES, _is_peft, batch_logps, response_logps
+from .logprobs import DTYPES, _is_fsdp, _is_peft, batch_logps
 from .losses import LOSSES, check_loss_settings, kto_loss
 from .models import fused_gelu
 
@@ -201,7 +201,7 @@ class Reference:
         reference = cls(cache=torch.zeros(len(pairs), _rows_per_example(pairs)))
         for chunk in _in_order(pairs, batch_size):
             batch = _collate(chunk, tokenizer)
-            reference._store(batch, _logps(model, batch, dtype))
+            reference._store(batch, batch_logps(model, batch, dtype))
         model.train(was_training)
         return reference
 
@@ -214,10 +214,10 @@ class Reference:
                 device = next(policy.parameters()).device
                 return cached.T.reshape(-1).to(device)  # column by column: chosen, rejected
         if self.model is not None:
-            logps = _logps(self.model, batch, dtype)
+            logps = batch_logps(self.model, batch, dtype)
         elif _is_peft(policy):
             with policy.disable_adapter():
-                logps = _logps(policy, batch, dtype)
+                logps = batch_logps(policy, batch, dtype)
         else:
             raise ValueError("no reference: pass a peft model (its adapter is disabled for the "
                              "reference), a reference model, or a frozen cache.")
@@ -317,7 +317,7 @@ def _kl_logps(model, batch: dict, dtype: str, reference_model=None):
     reference is computed each time (never cached): which completion a prompt borrows depends
     on the batch it was drawn in.
     """
-    return (_logps(model, batch["kl"], dtype),
+    return (batch_logps(model, batch["kl"], dtype),
             Reference(reference_model).logps(model, batch["kl"], dtype))
 
 
@@ -499,7 +499,7 @@ def _evaluate_pairs(model, tokenizer, pairs, config, reference: Reference) -> di
     totals = {}
     for chunk in _in_order(pairs, config.eval_batch_size):
         batch = _collate(chunk, tokenizer, config.max_length)
-        policy, entropy = _logps(model, batch, config.dtype, with_entropy=True)
+        policy, entropy = batch_logps(model, batch, config.dtype, with_entropy=True)
         ref = reference.logps(model, batch, config.dtype) if _needs_reference(config) else None
         if "kl" in batch:
             batch["kl_logps"] = _kl_logps(model, batch, config.dtype, reference.model)
@@ -507,32 +507,6 @@ def _evaluate_pairs(model, tokenizer, pairs, config, reference: Reference) -> di
         _add(totals, {"entropy": entropy.item() * len(chunk)})
     model.train(was_training)
     return _mean(totals, len(pairs))
-
-
-def _is_fsdp(model) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # a torch build without torch.distributed
-        return False
-    return isinstance(model, FSDPModule)
-
-
-def _logps(model, batch: dict, dtype: str, with_entropy: bool = False):
-    """`batch_logps`; a model sharded by FSDP goes through its own forward, whose hooks gather
-    the shards (batch_logps' shortcut to the head would skip the root's embeddings and head)."""
-    if not _is_fsdp(model):
-        return batch_logps(model, batch, dtype, with_entropy=with_entropy)
-    device = next(model.parameters()).device
-    ids, mask = batch["input_ids"].to(device), batch["loss_mask"].to(device)[:, 1:].bool()
-    with torch.autocast(device.type, DTYPES[dtype], enabled=dtype != "float32"):
-        logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device),
-                       use_cache=False).logits
-    picked = logits[:, :-1][mask].float()
-    logps = response_logps(picked, ids[:, 1:][mask], mask)
-    if not with_entropy:
-        return logps
-    log_probs = picked.log_softmax(-1)
-    return logps, -(log_probs.exp() * log_probs).sum(-1).mean()
 
 
 def shard_fsdp(model, dtype: str = "float32"):
@@ -761,7 +735,7 @@ class _Run:
             self._share_reference(batch, ref)
         if "kl" in batch:
             batch["kl_logps"] = self._kl_logps(batch)
-        policy = _logps(self.model, batch, config.dtype)
+        policy = batch_logps(self.model, batch, config.dtype)
         losses, sums = preference_step(policy, ref, batch, config)
         loss = losses.mean() / config.gradient_accumulation_steps
         if not self.world.all_finite(loss):
