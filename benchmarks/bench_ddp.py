@@ -125,6 +125,25 @@ def _versions() -> str:
     return ", ".join(f"{name} {version(name)}" for name in ("torch", "transformers", "peft"))
 
 
+def environment_notes(load_start: tuple, start: float) -> list[str]:
+    """The report's last lines: the machine and its load, the versions, the time taken."""
+    return [
+        f"- Machine: {_machine()}; load average (1 / 5 / 15 min) "
+        f"{' / '.join(f'{x:.1f}' for x in load_start)} at the start and "
+        f"{' / '.join(f'{x:.1f}' for x in os.getloadavg())} at the end (a shared machine).",
+        f"- Versions: python {platform.python_version()}, {_versions()}.",
+        f"- Took {(time.time() - start) / 60:.1f} minutes.",
+    ]
+
+
+def write_report(out: Path, title: str, script: str, summary: str, body: str) -> None:
+    """Write a benchmark's Markdown report, naming the command that wrote it and when."""
+    command = f"python benchmarks/{script} " + " ".join(sys.argv[1:])
+    out.write_text(f"# {title}\n\nWritten by `{command.strip()}` on "
+                   f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. {summary}\n\n"
+                   + body)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
@@ -167,22 +186,14 @@ def main() -> None:
         f"- Global batch {GLOBAL_BATCH} pairs, at most {MAX_LENGTH} tokens per row (the shipped "
         f"data), LoRA r=16 on c_attn, c_proj, c_fc; {args.steps} steps per run, the first "
         f"{args.warmup} not timed; {args.repeats} runs per side, alternating.",
-        f"- Machine: {_machine()}; load average (1 / 5 / 15 min) "
-        f"{' / '.join(f'{x:.1f}' for x in load_start)} at the start and "
-        f"{' / '.join(f'{x:.1f}' for x in os.getloadavg())} at the end (a shared machine).",
-        f"- Versions: python {platform.python_version()}, {_versions()}.",
-        f"- Took {(time.time() - start) / 60:.1f} minutes.",
+        *environment_notes(load_start, start),
     ]
     text = "\n".join(table + [""] + notes)
     print(text)
     if args.write:
-        command = "python benchmarks/bench_ddp.py " + " ".join(sys.argv[1:])
-        OUT.write_text(
-            "# Data parallel on CPU: 2 processes vs 1 at the same thread count\n\n"
-            f"Written by `{command.strip()}` on "
-            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Ratios below 1 mean two "
-            "processes finish a global batch faster than one process with both threads.\n\n"
-            + text + "\n\n" + READING)
+        write_report(OUT, "Data parallel on CPU: 2 processes vs 1 at the same thread count",
+                     "bench_ddp.py", "Ratios below 1 mean two processes finish a global batch "
+                     "faster than one process with both threads.", text + "\n\n" + READING)
 
 
 if __name__ == "__main__":

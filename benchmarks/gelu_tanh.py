@@ -28,15 +28,13 @@ the batch (float32, no adapter), and of the summed response log-probs.
 
 import argparse
 import os
-import platform
 import statistics
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from bench_ddp import _machine, _versions  # this folder's: run as a script
+from bench_ddp import environment_notes, write_report  # this folder's: run as a script
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from dpo_minimal import TrainConfig, add_lora, collate_pairs
@@ -203,21 +201,14 @@ def main() -> None:
         "all), "
         f"interleaved; torch on {args.threads} thread(s); LoRA r=16 on c_attn, c_proj, c_fc; "
         "float32 on CPU.",
-        f"- Machine: {_machine()}; load average (1 / 5 / 15 min) "
-        f"{' / '.join(f'{x:.1f}' for x in load_start)} at the start and "
-        f"{' / '.join(f'{x:.1f}' for x in os.getloadavg())} at the end (a shared machine).",
-        f"- Versions: python {platform.python_version()}, {_versions()}.",
-        f"- Took {(time.time() - start) / 60:.1f} minutes.",
+        *environment_notes(load_start, start),
     ]
     text = "\n".join(timing + [""] + logits + [""] + notes)
     print(text)
     if args.write:
-        command = "python benchmarks/gelu_tanh.py " + " ".join(sys.argv[1:])
-        OUT.write_text(
-            "# The tanh GELU in a DPO step: gelu_new, gelu_pytorch_tanh, fused_gelu\n\n"
-            f"Written by `{command.strip()}` on "
-            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Ratios below 1 are faster "
-            "than GPT-2's default gelu_new.\n\n" + text + "\n\n" + READING)
+        write_report(OUT, "The tanh GELU in a DPO step: gelu_new, gelu_pytorch_tanh, fused_gelu",
+                     "gelu_tanh.py", "Ratios below 1 are faster than GPT-2's default gelu_new.",
+                     text + "\n\n" + READING)
 
 
 if __name__ == "__main__":
