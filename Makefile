@@ -44,8 +44,9 @@ course: $(STAMP)
 	@ls figures
 
 # The three suites are independent, and each process runs torch on one thread (tests and
-# notebooks alike), so on CI's 2 cores they run side by side; the log stays in order per suite.
-TEST_JOBS ?= 2
+# notebooks alike), so they run side by side: all three at once keep CI's 2 cores busy to the
+# end (with 2 jobs, the last suite runs alone). The log stays in order per suite.
+TEST_JOBS ?= 3
 test: lint
 	$(MAKE) -j$(TEST_JOBS) --output-sync=target unit nbval nbval-portable
 
