@@ -312,14 +312,15 @@ def _train_command(args, parser) -> int:
         data = load_preferences(options["data"], split=options["split"])
         eval_data = (None if options["eval_data"] is None else
                      load_preferences(options["eval_data"], split=options["eval_split"]))
+        unit = "examples" if "completion" in data.column_names else "pairs"  # KTO's unpaired rows
         model, tokenizer = _load_model(options, config)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         model = shard_fsdp(model, config.dtype) if options["fsdp"] else model
         say(f"dpo-minimal: {options['model'] or 'tiny ' + options['tiny']}, "
             f"{'full fine-tuning' if options['full'] else 'LoRA r=' + str(options['lora_r'])}"
             f"{' sharded by FSDP' if options['fsdp'] else ''}, {trainable:,} trainable "
-            f"parameters; {len(data)} pairs; {world} process(es), global batch "
-            f"{config.batch_size * config.gradient_accumulation_steps * world} pairs.")
+            f"parameters; {len(data)} {unit}; {world} process(es), global batch "
+            f"{config.batch_size * config.gradient_accumulation_steps * world} {unit}.")
         resume = True if options["resume"] else options["resume_from"]
         history = train(model, tokenizer, data, config, eval_data=eval_data, resume_from=resume)
     except (ValueError, FileNotFoundError, OSError) as err:

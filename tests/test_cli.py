@@ -62,6 +62,18 @@ def test_train_prints_a_metrics_line_per_logging_step(prefs, tmp_path, capsys):
                                                     ["step", "2/2", "loss", lines[1].split()[3]]]
 
 
+def test_train_counts_unpaired_rows_as_examples(tmp_path, capsys):
+    rows = [{"prompt": f"Question {i}?", "completion": f" Answer {i}.", "label": i % 2 == 0}
+            for i in range(8)]
+    data = tmp_path / "unpaired.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert main(["train", "--tiny", "gpt2", "--data", str(data), "--loss-type", "kto",
+                 "--output-dir", str(tmp_path / "out"), "--max-steps", "1", "--lora-r", "2",
+                 *SMALL]) == 0
+    out = capsys.readouterr().out
+    assert "; 8 examples;" in out and "pairs" not in out.split("global batch")[1].split("\n")[0]
+
+
 def test_eval_reads_the_trained_adapter(trained, prefs, capsys):
     assert main(["eval", "--tiny", "gpt2", "--adapter", str(trained / "adapter"), "--data", prefs,
                  "--max-length", "64", "--max-prompt-length", "32", "--beta", "0.2"]) == 0
