@@ -255,6 +255,13 @@ def _normalise(row, where: str, tokenizer=None) -> dict:
             from .models import course_tokenizer
 
             tokenizer = course_tokenizer()
+        elif getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError(f"{where}: the rows are conversations (lists of messages), but the "
+                             "tokenizer has no chat template to render them in the model's "
+                             "format. Set one (tokenizer.chat_template = '...', the model's own "
+                             "if it has one), or use the course's explicitly: tokenizer."
+                             "chat_template = dpo_minimal.models.course_tokenizer()."
+                             "chat_template.")
         out = _conversation(prompt, replies, where, tokenizer)
     elif len(kinds) == 2:
         raise ValueError(f"{where}: mixes formats, some columns are lists of messages "
@@ -301,8 +308,10 @@ def load_preferences(source, split: str = "train", prompt_template: str | None =
         split: the split to load for a Hub name.
         prompt_template: optional format string applied to each prompt, with fields {prompt}
             and, if the data has that column, {system}; e.g. "Instruct: {prompt}\nOutput:".
-        tokenizer: whose chat template renders conversational rows; default the course
-            tokenizer's ("User: ..." lines, the prompt ending with "Assistant:").
+        tokenizer: whose chat template renders conversational rows (`train` and `evaluate`
+            pass the model's own); default the course tokenizer's ("User: ..." lines, the
+            prompt ending with "Assistant:"). A tokenizer without a chat template, given
+            conversational rows, raises ValueError naming the two fixes.
 
     Accepts TRL's formats: standard (strings), conversational (lists of {"role", "content"}
     messages, checked for roles, turn order and contents) and implicit prompt (no prompt

@@ -254,6 +254,11 @@ def add_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.05,
     from peft import LoraConfig, get_peft_model
     from transformers.pytorch_utils import Conv1D
 
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"LoRA rank r must be an int >= 1, got {r!r} (try 16).")
+    if not alpha > 0:
+        raise ValueError(f"LoRA alpha must be > 0, got {alpha!r}: the update is scaled by "
+                         "alpha / r, so alpha <= 0 trains nothing (or backwards); try 2 * r.")
     targets = lora_target_names(model, target_modules)
     if model_type(model) in ARCHITECTURES:
         fan_in_fan_out = ARCHITECTURES[model_type(model)].fan_in_fan_out

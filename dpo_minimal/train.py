@@ -11,6 +11,7 @@ import resource
 import shutil
 import sys
 import time
+import uuid
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -20,6 +21,20 @@ from torch.utils.data import BatchSampler, RandomSampler
 from tqdm.auto import tqdm
 
 from .adapters import save_adapter
+from .checkpoint import (
+    STATE_FILE,
+    CheckpointError,
+    StopRequests,
+    all_finite,
+    changed_fingerprints,
+    check_output_dir,
+    checkpoints,
+    clear_checkpoints,
+    expand_output_dir,
+    fingerprints,
+    read_state,
+    unreadable,
+)
 from .data import (
     check_pad_token,
     collate_pairs,
@@ -69,11 +84,13 @@ class TrainConfig:
 
     output_dir: str | None = None  # where checkpoint-{step}/ folders go
     save_steps: int = 0  # save a checkpoint every N steps and at the end (0: never)
-    save_total_limit: int | None = None  # keep only the newest K checkpoints
+    save_total_limit: int | None = None  # keep only the newest K checkpoints of this run
+    overwrite_output_dir: bool = False  # replace a run already in output_dir (its checkpoints)
 
     def __post_init__(self):
         for field in fields(self):
             _check_type(field.name, getattr(self, field.name), _FIELD_TYPES[field.type])
+        self.output_dir = expand_output_dir(self.output_dir)
         check_loss_settings(self.loss_type, self.beta, self.label_smoothing)
         if not math.isfinite(self.beta):
             raise ValueError(f"beta must be a finite number > 0, got {self.beta} (try 0.1).")
@@ -161,7 +178,19 @@ class History(list):
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss."""
+    """Training produced a NaN or infinite loss, gradient norm or weight."""
+
+
+def _divergence_fix(config: "TrainConfig") -> str:
+    """The likely cause of a non-finite value in a run with this config, and the fix."""
+    if config.dtype == "float16":
+        return ("likely a float16 overflow (e.g. phi-2 attention in float16 with 'eager' "
+                "attention) or a too-high learning rate. Use attn_implementation='sdpa', "
+                "bfloat16 on Ampere or newer (or float32), or a lower learning_rate.")
+    return (f"the run diverged, most likely because learning_rate={config.learning_rate:g} is "
+            "too high for it (LoRA: try 5e-4 or lower; full fine-tuning: 1e-6). Start again "
+            "with a lower learning_rate (a new output_dir, or overwrite_output_dir=True); "
+            "max_grad_norm (clipping) also guards against single large gradients.")
 
 
 def disable_dropout(model) -> None:
@@ -321,13 +350,57 @@ def _kl_logps(model, batch: dict, dtype: str, reference_model=None):
             Reference(reference_model).logps(model, batch["kl"], dtype))
 
 
-def _tokenize(data, tokenizer, config: TrainConfig) -> list[dict]:
-    data = load_preferences(data)  # the same row checks for raw rows as for loaded files
+def _tokenize(data, tokenizer, config: TrainConfig, model=None) -> list[dict]:
+    """Rows -> tokenised examples with their index; conversational rows are rendered with
+    `tokenizer`'s own chat template (the model's format), and every id must fit `model`."""
+    data = load_preferences(data, tokenizer=tokenizer)  # raw rows get the same checks as files
     if "label" in data.column_names and config.loss_type != "kto":
         raise ValueError(_UNPAIRED_LOSS.format(config.loss_type))
     pairs = tokenize_preferences(data, tokenizer, config.max_length, config.max_prompt_length,
                                  drop_overlong=config.drop_overlong)
+    if model is not None:
+        _check_token_ids(model, tokenizer, pairs)
     return [{**pair, "index": i} for i, pair in enumerate(pairs)]
+
+
+def _check_token_ids(model, tokenizer, pairs: list[dict]) -> None:
+    """Every token id (the pad id too) indexes a row of the model's input embedding."""
+    rows = model.get_input_embeddings().num_embeddings
+    top = max(max((max(ids, default=0) for key, ids in pair.items() if key.endswith("_ids")),
+                  default=0) for pair in pairs)
+    top = max(top, tokenizer.pad_token_id)
+    if top >= rows:
+        raise ValueError(f"the tokenizer gives token id {top}, but the model's embedding has "
+                         f"only {rows} rows: the tokenizer is not this model's. Use the model's "
+                         "own tokenizer, or after adding tokens call "
+                         "model.resize_token_embeddings(len(tokenizer)).")
+
+
+def _check_weights_loaded(model) -> None:
+    if any(p.is_meta for p in model.parameters()):
+        raise ValueError("the model's weights are on the meta device (sized, never loaded), so "
+                         "there is nothing to train: load real weights, e.g. with "
+                         "from_pretrained(...) or load_model(...), not init_empty_weights().")
+
+
+def _check_adapter(model) -> None:
+    """A LoRA model trains its adapters, and its reference is the same model with them off."""
+    if not _is_peft(model):
+        return
+    for name, config in model.peft_config.items():
+        alphas = [getattr(config, "lora_alpha", 1), *getattr(config, "alpha_pattern", {}).values()]
+        if min(alphas) <= 0:
+            raise ValueError(f"LoRA adapter {name!r} has lora_alpha={min(alphas)}: its update "
+                             "is scaled by alpha / r, so it would train nothing (or backwards); "
+                             "use alpha > 0, e.g. 2 * r (add_lora's default is 32 for r = 16).")
+    base = [n for n, p in model.named_parameters()
+            if p.requires_grad and "lora_" not in n and "modules_to_save" not in n]
+    if base:
+        raise ValueError(f"base weights require grad ({', '.join(base[:3])}"
+                         f"{', ...' if len(base) > 3 else ''}), but the reference is this model "
+                         "with its adapter disabled, so it would move with them: freeze them "
+                         "(p.requires_grad_(False)), list those modules in LoraConfig("
+                         "modules_to_save=...), or train without LoRA (full fine-tuning).")
 
 
 def _in_order(pairs: list, batch_size: int):
@@ -417,6 +490,10 @@ class _World:
         top = torch.tensor([value], dtype=torch.float64, device=self.device)
         self.dist.all_reduce(top, op=self.dist.ReduceOp.MAX)
         return top.item()
+
+    def any(self, flag: bool) -> bool:
+        """Whether `flag` is set on any process (all of them get the same answer)."""
+        return flag if self.size == 1 else self.sum([float(flag)])[0] > 0
 
     def all_finite(self, loss: torch.Tensor) -> bool:
         """Whether every process's loss is finite: all of them stop together, or none does."""
@@ -558,13 +635,19 @@ def evaluate(model, tokenizer, data, config: TrainConfig, reference_model=None) 
     Keys: loss, rewards/{chosen,rejected,accuracies,margins}, logps/{chosen,rejected} and
     entropy (mean next-token entropy of the policy on the responses, nats). The reference is
     the peft model with its adapter disabled, or `reference_model` if given. Like `train`, it
-    runs the tanh GELU fused when config.fused_gelu is set. Unpaired data (loss_type="kto")
+    runs the tanh GELU fused when config.fused_gelu is set, renders conversational rows with
+    `tokenizer`'s chat template, and with config.device moves the model (and
+    `reference_model`) there first. Unpaired data (loss_type="kto")
     gives KTO's metrics as `train` logs them (no accuracies; kl is z0), z0 estimated per chunk
     of eval_batch_size examples in data order (a last chunk of one borrows its own completion).
     """
     check_pad_token(tokenizer)
-    _device(config, model)
-    pairs = _tokenize(data, tokenizer, config)
+    _check_weights_loaded(model)
+    device = _device(config, model)
+    pairs = _tokenize(data, tokenizer, config, model)
+    model.to(device)
+    if reference_model is not None:
+        reference_model.to(device)
     with _fast_activations(config, model, reference_model):
         return _evaluate_pairs(model, tokenizer, pairs, config, Reference(reference_model))
 
@@ -665,6 +748,7 @@ class _Run:
 
         # Checks first: nothing is changed or computed until all of them pass.
         check_pad_token(tokenizer)
+        _check_weights_loaded(model)
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.device = _device(config, model)
         self.world, self.fsdp = _World(self.device), _is_fsdp(model)
@@ -677,6 +761,7 @@ class _Run:
         if not self.params:
             raise ValueError("the model has no trainable parameters: call add_lora(model) "
                              "first, or unfreeze the weights for full fine-tuning.")
+        _check_adapter(model)
         if config.dtype == "float16" and any(p.dtype == torch.float16 for p in self.params):
             raise ValueError("dtype='float16' trains with autocast and a GradScaler, which needs "
                              "float32 trainable weights: load the model in float32 for full "
@@ -684,12 +769,22 @@ class _Run:
         if config.dtype == "float16" and self.device.type != "cuda":
             raise ValueError("dtype='float16' needs a CUDA GPU (autocast + GradScaler); on CPU "
                              "use 'float32' or 'bfloat16'.")
-        self.pairs = _tokenize(train_data, tokenizer, config)
-        self.eval_pairs = None if eval_data is None else _tokenize(eval_data, tokenizer, config)
+        check_output_dir(config.output_dir, resume=resume_from is not None,
+                         overwrite=config.overwrite_output_dir)
+        self.pairs = _tokenize(train_data, tokenizer, config, model)
+        self.eval_pairs = (None if eval_data is None
+                           else _tokenize(eval_data, tokenizer, config, model))
         _check_unpaired(config, model, self.pairs, self.eval_pairs)
         self.batches = _Batches(self.pairs, config.batch_size, config.seed, self.world.rank,
                                 self.world.size)
-        checkpoint = None if resume_from is None else _checkpoint_to_resume(resume_from, config)
+        self.fingerprints = None if self.fsdp else fingerprints(
+            model, self.pairs, self.eval_pairs, self.world.size)
+        checkpoint = (None if resume_from is None
+                      else _load_checkpoint(resume_from, config, self.fingerprints))
+        self.run_id = uuid.uuid4().hex if checkpoint is None else checkpoint["run_id"]
+        self.saved_at = None if checkpoint is None else checkpoint["steps_done"]
+        if checkpoint is None and config.overwrite_output_dir and config.output_dir:
+            clear_checkpoints(config.output_dir)  # all checks passed: this run replaces that one
 
         torch.manual_seed(config.seed)
         disable_dropout(model)
@@ -705,7 +800,8 @@ class _Run:
         self.scheduler = get_scheduler(SCHEDULERS[config.lr_scheduler], self.optimizer,
                                        config.warmup_steps, config.max_steps)
         self.scaler = torch.amp.GradScaler("cuda", enabled=config.dtype == "float16")
-        self.history, self.start = History(), 0
+        self.history, self.start, self.done = History(), 0, 0
+        self.stops = StopRequests(announce=self.world.rank == 0)
         if checkpoint is None:
             self.reference, self.eval_reference = self._references()
         else:
@@ -741,11 +837,8 @@ class _Run:
         if not self.world.all_finite(loss):
             where = f" (this process's of {self.world.size})" if self.world.size > 1 else ""
             raise NonFiniteLossError(
-                f"non-finite loss ({loss.item()}{where}) at step {step} with "
-                f"dtype={config.dtype}. "
-                "Likely cause: float16 overflow (e.g. phi-2 attention in fp16 with 'eager' "
-                "attention) or a too-high learning rate. Use attn_implementation='sdpa', "
-                "bfloat16 on Ampere or newer (or float32), or a lower learning_rate.")
+                f"non-finite loss ({loss.item()}{where}) at step {step} in a {config.dtype} "
+                f"run: {_divergence_fix(config)}")
         self.scaler.scale(loss).backward()
         return sums, int(batch["attention_mask"].sum())
 
@@ -767,23 +860,29 @@ class _Run:
         self.reference.cache[self.world.gather(batch["index"])] = self.world.gather(rows).cpu()
 
     def step(self, step: int) -> dict:
-        """One optimiser step over the global batch: its History row (metrics of all processes).
+        """One optimiser step over the global batch; appends its History row (metrics of all
+        processes) and advances `done` and `step_state`.
 
         Means are over the global batch's pairs: every process has the same number of them.
+        The update and its record are done as one: a stop signal waits until both are.
         """
         config, start, tokens, totals = self.config, time.perf_counter(), 0, {}
         for _ in range(config.gradient_accumulation_steps):
             sums, n_tokens = self.micro_step(step)
             _add(totals, sums)
             tokens += n_tokens
-        grad_norm, lr = self.update()
-        seconds = time.perf_counter() - start
-        *values, tokens = self.world.sum([*totals.values(), tokens])
-        pairs = config.batch_size * config.gradient_accumulation_steps * self.world.size
-        return {"step": step, **_mean(dict(zip(totals, values)), pairs), "grad_norm": grad_norm,
-                "learning_rate": lr, "step_seconds": seconds,
-                "tokens_per_second": tokens / seconds,
-                "peak_memory_gib": self.world.max(_peak_memory_gib(self.device))}
+        with self.stops.deferred():
+            grad_norm, lr = self.update()
+            seconds = time.perf_counter() - start
+            *values, tokens = self.world.sum([*totals.values(), tokens])
+            pairs = config.batch_size * config.gradient_accumulation_steps * self.world.size
+            row = {"step": step, **_mean(dict(zip(totals, values)), pairs),
+                   "grad_norm": grad_norm, "learning_rate": lr, "step_seconds": seconds,
+                   "tokens_per_second": tokens / seconds,
+                   "peak_memory_gib": self.world.max(_peak_memory_gib(self.device))}
+            self.history.append(row)
+            self.done, self.step_state = step + 1, self._step_state()
+        return row
 
     def update(self) -> tuple[float, float]:
         """Average the gradients over the processes, clip, step the optimiser and the schedule:
@@ -795,6 +894,14 @@ class _Run:
         max_norm = self.config.max_grad_norm
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm or math.inf)
         lr = self.scheduler.get_last_lr()[0]
+        if not self.scaler.is_enabled() and not torch.isfinite(grad_norm):
+            # float16's scaler skips such a step by design; in any other dtype it would write
+            # NaN into every weight, so the run stops before the update.
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(
+                f"non-finite gradient norm ({grad_norm.item()}) at step {len(self.history)}, with "
+                f"a finite "
+                f"loss, in a {self.config.dtype} run: {_divergence_fix(self.config)}")
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -825,54 +932,63 @@ class _Run:
         return {name: p for name, p in self.model.named_parameters() if p.requires_grad}
 
     def save(self, steps_done: int) -> Path | None:
-        """Write output_dir/checkpoint-{steps_done}/ (atomically) and prune old ones.
+        """Write output_dir/checkpoint-{steps_done}/ (atomically) and prune this run's old ones.
 
         Only rank 0 writes (every process holds the same state); the others return None.
+        Non-finite weights or optimiser state are never written: every process raises
+        NonFiniteLossError instead, and the newest finite checkpoint stays.
         """
         from safetensors.torch import save_file
 
+        root = Path(self.config.output_dir)
+        weights = {n: p.detach().cpu().contiguous() for n, p in self._trainable().items()}
+        optimizer = self.optimizer.state_dict()
+        if not (all_finite(weights) and all_finite(optimizer["state"])):
+            newest = checkpoints(root)
+            raise NonFiniteLossError(
+                f"the weights or optimiser state became non-finite by step {steps_done}, so no "
+                f"checkpoint was written (the newest finite one: "
+                f"{newest[-1] if newest else 'none'}): {_divergence_fix(self.config)}")
         if self.world.rank != 0:
             return None
-        root = Path(self.config.output_dir)
         final, tmp = root / f"checkpoint-{steps_done}", root / f"checkpoint-{steps_done}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file({n: p.detach().cpu().contiguous() for n, p in self._trainable().items()},
-                  tmp / "trainable.safetensors")
-        caches = {"reference": self.reference.cache,
-                  "eval_reference": getattr(self.eval_reference, "cache", None)}
-        torch.save({"steps_done": steps_done, "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                    "caches": caches, "world_size": self.world.size, **self.step_state},
-                   tmp / "state.pt")
-        (tmp / "config.json").write_text(json.dumps(asdict(self.config), indent=1))
-        self.history.to_json(tmp / "history.json")
-        if _is_peft(self.model):  # loadable with load_adapter, too
-            save_adapter(self.model, tmp / "adapter")
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        limit = self.config.save_total_limit
-        for old in (_checkpoints(root)[:-limit] if limit else []):
-            shutil.rmtree(old)
+        with self.stops.deferred():  # a half-written checkpoint is never left as the newest
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            save_file(weights, tmp / "trainable.safetensors")
+            caches = {"reference": self.reference.cache,
+                      "eval_reference": getattr(self.eval_reference, "cache", None)}
+            torch.save({"steps_done": steps_done, "optimizer": optimizer,
+                        "scheduler": self.scheduler.state_dict(),
+                        "scaler": self.scaler.state_dict(), "caches": caches,
+                        "world_size": self.world.size, **self.step_state}, tmp / "state.pt")
+            (tmp / "config.json").write_text(json.dumps(asdict(self.config), indent=1))
+            self.history.to_json(tmp / "history.json")
+            if _is_peft(self.model):  # loadable with load_adapter, too
+                save_adapter(self.model, tmp / "adapter")
+            # Written last: a folder without it is incomplete and is never resumed from.
+            (tmp / STATE_FILE).write_text(json.dumps(
+                {"steps_done": steps_done, "run_id": self.run_id, "finite": True,
+                 "fingerprints": self.fingerprints}, indent=1))
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            self.saved_at = steps_done
+            limit = self.config.save_total_limit
+            for old in (checkpoints(root, self.run_id)[:-limit] if limit else []):
+                shutil.rmtree(old)
         return final
 
-    def _restore(self, path: Path) -> None:
-        from safetensors.torch import load_file
-
-        weights, trainable = load_file(path / "trainable.safetensors"), self._trainable()
+    def _restore(self, checkpoint: dict) -> None:
+        weights, trainable = checkpoint["weights"], self._trainable()
+        path, state = checkpoint["path"], checkpoint["state"]
         if set(weights) != set(trainable) or any(
                 weights[n].shape != p.shape for n, p in trainable.items()):
-            raise ValueError(f"{path} holds trainable weights of another model (names or shapes "
-                             "differ): resume with the model and adapter settings it was "
-                             "trained with.")
+            raise CheckpointError(f"{path} holds trainable weights of another model (names or "
+                                  "shapes differ): resume with the model and adapter settings "
+                                  "it was trained with.")
         with torch.no_grad():
             for name, p in trainable.items():
                 p.copy_(weights[name])
-        state = torch.load(path / "state.pt", weights_only=True)
-        if state.get("world_size", 1) != self.world.size:
-            raise ValueError(f"{path} was written by {state.get('world_size', 1)} process(es) and "
-                             f"this run has {self.world.size}: the data order is per global batch "
-                             "(batch_size x processes), so resume with as many processes.")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -882,43 +998,77 @@ class _Run:
         self.eval_reference = Reference(cache=state["caches"]["eval_reference"])
         if self.eval_pairs is not None and self.eval_reference.cache is None and not _is_peft(
                 self.model):
-            raise ValueError(f"{path} was saved without eval_data; its full fine-tuning run "
-                             "has no frozen reference for it: resume without eval_data.")
-        self.history = History.from_json(path / "history.json")
-        self.start = state["steps_done"]
+            raise CheckpointError(f"{path} was saved without eval_data; its full fine-tuning "
+                                  "run has no frozen reference for it: resume without "
+                                  "eval_data.")
+        self.history = checkpoint["history"]
+        self.start = self.done = state["steps_done"]
 
 
-# Settings that may differ between a run and its resumption: they do not change the training.
+# Settings that may differ between a run and its resumption: they do not change the steps
+# already taken. A larger max_steps continues the run (the schedule is stretched to it from
+# the current step, as in TRL).
 _RESUMABLE = {"progress", "output_dir", "save_steps", "save_total_limit", "device", "eval_every",
-              "eval_batch_size", "logging_steps"}
+              "eval_batch_size", "logging_steps", "overwrite_output_dir", "max_steps"}
 
 
-def _checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoint folders under `root`, oldest first."""
-    found = [p for p in Path(root).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
-
-
-def _checkpoint_to_resume(resume_from, config: TrainConfig) -> Path:
+def _checkpoint_path(resume_from, config: TrainConfig) -> Path:
+    """The checkpoint folder to resume: `resume_from`, or with True the newest complete and
+    finite one in output_dir."""
     if resume_from is True:
-        if config.output_dir is None or not _checkpoints(config.output_dir):
-            raise ValueError(f"resume_from=True but output_dir={config.output_dir!r} holds no "
-                             "checkpoint-{step}/ folder: pass a checkpoint path, or start "
-                             "without resume_from.")
-        path = _checkpoints(config.output_dir)[-1]
-    else:
-        path = Path(resume_from)
-    if not (path / "state.pt").is_file():
-        raise ValueError(f"resume_from={str(resume_from)!r} is not a checkpoint folder (no "
-                         "state.pt in it): pass a checkpoint-{step}/ folder written by train.")
-    saved = json.loads((path / "config.json").read_text())
+        found = checkpoints(config.output_dir) if config.output_dir is not None else []
+        if not found:
+            raise CheckpointError(f"resume_from=True but output_dir={config.output_dir!r} holds "
+                                  "no checkpoint-{step}/ folder that is complete: pass a "
+                                  "checkpoint path, or start without resume_from.")
+        return found[-1]
+    path = Path(resume_from).expanduser()
+    if read_state(path) is None:
+        if (path / "state.pt").is_file():
+            raise unreadable(path, STATE_FILE, FileNotFoundError("missing"))
+        raise CheckpointError(f"resume_from={str(resume_from)!r} is not a checkpoint folder (no "
+                              f"{STATE_FILE} in it): pass a checkpoint-{{step}}/ folder written "
+                              "by train.")
+    return path
+
+
+def _load_checkpoint(resume_from, config: TrainConfig, now: dict | None) -> dict:
+    """Everything a resume needs, read and checked against this run before any work: the
+    config, the fingerprints (data, base model, LoRA, load dtype, processes), the files."""
+    from safetensors.torch import load_file
+
+    path = _checkpoint_path(resume_from, config)
+    trainer_state = read_state(path)
+    try:
+        saved = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise unreadable(path, "config.json", err) from None
     defaults = asdict(TrainConfig())  # a field added since the checkpoint was written: default
     changed = {k: (saved.get(k, defaults[k]), v) for k, v in asdict(config).items()
                if k not in _RESUMABLE and saved.get(k, defaults[k]) != v}
     if changed:
-        raise ValueError(f"{path} was written with other settings {changed} (saved, now): "
-                         "resume with the config it was trained with.")
-    return path
+        raise CheckpointError(f"{path} was written with other settings {changed} (saved, now): "
+                              "resume with the config it was trained with.")
+    steps_done = trainer_state["steps_done"]
+    if config.max_steps < steps_done:
+        raise CheckpointError(f"{path} has {steps_done} steps done, more than max_steps="
+                              f"{config.max_steps}: set max_steps >= {steps_done} to continue "
+                              "the run, or resume from an earlier checkpoint.")
+    changes = [] if now is None else changed_fingerprints(trainer_state.get("fingerprints", {}),
+                                                           now)
+    if changes:
+        raise CheckpointError(f"{path} is another run's: {'; '.join(changes)}. Resume with the "
+                              "model, data and settings it was trained with, or start a new run "
+                              "(another output_dir, or overwrite_output_dir=True).")
+    loaded = {"path": path, "run_id": trainer_state["run_id"], "steps_done": steps_done}
+    for key, name, read in (("weights", "trainable.safetensors", load_file),
+                            ("state", "state.pt", lambda f: torch.load(f, weights_only=True)),
+                            ("history", "history.json", History.from_json)):
+        try:
+            loaded[key] = read(path / name)
+        except Exception as err:  # noqa: BLE001 - truncated, damaged, missing: all named
+            raise unreadable(path, name, err) from None
+    return loaded
 
 
 # What a progress line shows of a History row, where the row has it: name -> (key, format).
@@ -947,29 +1097,42 @@ def _train(run: _Run) -> History:
     """The loop: per step, accumulate micro-batches, update, record, evaluate, checkpoint.
 
     Every process runs it; rank 0 alone shows the progress bar, prints and writes checkpoints.
+    A stop signal (SIGINT, SIGTERM) ends the loop after the step every process agrees on.
     """
     config, history, main = run.config, run.history, run.world.rank == 0
     bar = tqdm(range(run.start, config.max_steps), desc="DPO", initial=run.start,
                total=config.max_steps, disable=not (config.progress and main))
-    done = run.start
     try:
-        for step in bar:
-            history.append(run.step(step))
-            done, run.step_state = step + 1, run._step_state()
-            if run.evaluation_due(step):
-                history[-1].update(run.evaluate())
-            bar.set_postfix(_shown(history[-1]))
-            if main and config.logging_steps and done % config.logging_steps == 0:
-                tqdm.write(metrics_line(history[-1], config.max_steps))
-            if config.save_steps and (done % config.save_steps == 0 or done == config.max_steps):
-                run.save(done)
+        with run.stops:
+            if run.start and run.evaluation_due(run.start - 1) and not any(
+                    key.startswith("eval/") for key in history[-1]):
+                history[-1].update(run.evaluate())  # it was interrupted: as if it never was
+            for step in bar:
+                run.step(step)
+                if run.evaluation_due(step):
+                    history[-1].update(run.evaluate())
+                bar.set_postfix(_shown(history[-1]))
+                if main and config.logging_steps and run.done % config.logging_steps == 0:
+                    tqdm.write(metrics_line(history[-1], config.max_steps))
+                if config.save_steps and (run.done % config.save_steps == 0
+                                          or run.done == config.max_steps):
+                    run.save(run.done)
+                if run.world.any(run.stops.requested):  # every process stops after this step
+                    raise KeyboardInterrupt
     except (KeyboardInterrupt, NonFiniteLossError) as err:
         # Keep what was done: the state after the last update, with the data position and RNG
         # its successor began with (an unfinished step's gradients are dropped).
         run.optimizer.zero_grad(set_to_none=True)
-        err.history = history
-        if config.output_dir is not None and done > run.start and not run.fsdp:
-            err.checkpoint = run.save(done)
+        err.history, err.signum, err.checkpoint = history, run.stops.signum, None
+        if config.output_dir is not None and run.done > run.start and not run.fsdp:
+            if run.saved_at != run.done:
+                try:
+                    run.save(run.done)
+                except NonFiniteLossError as poisoned:
+                    if isinstance(err, KeyboardInterrupt):
+                        raise poisoned from err
+            if run.saved_at == run.done and main:
+                err.checkpoint = Path(config.output_dir) / f"checkpoint-{run.done}"
         raise
     run.model.eval()
     return history

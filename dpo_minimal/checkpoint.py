@@ -1,0 +1,296 @@
+"""Nothing lost, nothing poisoned: output folders checked before work, checkpoints that know
+their run, and stop signals that every process agrees on.
+
+- `check_output_dir` refuses, before any work, a folder that cannot hold a run: a file, a folder
+  that cannot be written, an empty name, or a folder holding another run's outputs (unless the
+  run resumes it or overwrites it).
+- `fingerprints` describe what a run trains: its tokenised data, its base model (name, config
+  and a checksum of the weights), its LoRA settings, its load dtype and its processes. A
+  checkpoint records them in `trainer_state.json` (written last: a checkpoint folder without it
+  is incomplete), and `changed_fingerprints` names whatever a resume would change.
+- `StopRequests` turns SIGINT and SIGTERM into a request to stop after the current step.
+"""
+
+import hashlib
+import json
+import math
+import os
+import signal
+import sys
+import tempfile
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+STATE_FILE = "trainer_state.json"
+# What a run leaves in its output folder: checkpoints, and what the command line writes.
+RUN_OUTPUTS = ("history.json", "run.json", "metrics.png", "adapter", "model")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed: missing, incomplete, unreadable or of another run."""
+
+
+# --- the output folder ------------------------------------------------------------------------
+
+def expand_output_dir(output_dir: str | None) -> str | None:
+    """`output_dir` with `~` expanded; an empty name is refused."""
+    if output_dir is None:
+        return None
+    if not output_dir.strip():
+        raise ValueError("output_dir is an empty name: give a folder, e.g. output_dir='runs/dpo' "
+                         "(or None to save nothing).")
+    return os.path.expanduser(output_dir)
+
+
+def run_outputs(folder: Path) -> list[str]:
+    """The names in `folder` that a run wrote: checkpoint folders and the command line's files."""
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir()
+                  if p.name in RUN_OUTPUTS or _checkpoint_step(p) is not None)
+
+
+def check_output_dir(output_dir: str | None, resume: bool = False,
+                     overwrite: bool = False) -> None:
+    """Refuse, before any work, an output folder that cannot hold this run.
+
+    Refused: a path that is a file (or lies under one), a folder that cannot be written, and a
+    folder holding another run's outputs (checkpoint-*/, history.json, adapter/, ...) unless
+    `resume` (continue that run) or `overwrite` (replace it). Nothing is created or changed:
+    whether the folder can be written is tried with a temporary file that is deleted at once.
+    """
+    if output_dir is None:
+        return
+    folder = Path(output_dir)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"output_dir {str(folder)!r} is a file, not a folder: choose a folder "
+                         "name (it is created if missing).")
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"output_dir {str(folder)!r} cannot be created: {str(existing)!r} is a "
+                         "file, not a folder. Choose another output_dir.")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".dpo-minimal-write-test-", dir=existing)
+        os.close(handle)
+        os.remove(probe)
+    except OSError as err:
+        raise ValueError(f"output_dir {str(folder)!r} cannot be written ({err.strerror} in "
+                         f"{str(existing)!r}): choose a folder you can write to, or fix its "
+                         "permissions.") from None
+    found = run_outputs(folder)
+    if found and not resume and not overwrite:
+        shown = ", ".join(found[:5]) + (", ..." if len(found) > 5 else "")
+        raise ValueError(f"output_dir {str(folder)!r} already holds another run ({shown}): "
+                         "continue it with resume (--resume, or resume_from=True), replace it "
+                         "with overwrite (--overwrite, or overwrite_output_dir=True: its "
+                         "checkpoints are deleted), or choose another output_dir.")
+
+
+def clear_checkpoints(output_dir: str) -> list[Path]:
+    """Delete the checkpoint folders in `output_dir` (overwrite: this run replaces that one)."""
+    import shutil
+
+    doomed = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir()]
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed
+
+
+# --- finding checkpoints ----------------------------------------------------------------------
+
+def _checkpoint_step(path: Path) -> int | None:
+    name = path.name
+    digits = name[len("checkpoint-"):]
+    return int(digits) if name.startswith("checkpoint-") and digits.isdigit() else None
+
+
+def read_state(path: Path) -> dict | None:
+    """A checkpoint's trainer_state.json, or None when it has none (incomplete, or not ours)."""
+    try:
+        return json.loads((Path(path) / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def checkpoints(root, run_id: str | None = None) -> list[Path]:
+    """Complete, finite checkpoint folders under `root`, oldest first; only run `run_id`'s when
+    it is given (so that pruning never touches another run's)."""
+    found = []
+    for path in Path(root).glob("checkpoint-*"):
+        state = read_state(path) if path.is_dir() and _checkpoint_step(path) is not None else None
+        if state and state.get("finite") and run_id in (None, state.get("run_id")):
+            found.append(path)
+    return sorted(found, key=_checkpoint_step)
+
+
+def previous_checkpoint(path: Path) -> Path | None:
+    """The newest complete checkpoint beside `path` that is older than it."""
+    older = [p for p in checkpoints(path.parent) if _checkpoint_step(p) < _checkpoint_step(path)]
+    return older[-1] if older else None
+
+
+def unreadable(path: Path, name: str, err: Exception) -> CheckpointError:
+    """The error for a checkpoint file that is missing, truncated or damaged."""
+    before = previous_checkpoint(path) if _checkpoint_step(path) is not None else None
+    fix = (f"resume from the previous one, resume_from={str(before)!r} (--resume-from "
+           f"{before})" if before else "start the run again without resuming")
+    return CheckpointError(f"{path}: {name} cannot be read ({type(err).__name__}: "
+                           f"{str(err)[:200]}); the checkpoint is incomplete or damaged: {fix}.")
+
+
+# --- finiteness -------------------------------------------------------------------------------
+
+def all_finite(tensors) -> bool:
+    """Whether every floating-point tensor in `tensors` (nested dicts and lists too) is finite."""
+    if isinstance(tensors, torch.Tensor):
+        return not tensors.is_floating_point() or bool(torch.isfinite(tensors).all())
+    if isinstance(tensors, dict):
+        return all(all_finite(v) for v in tensors.values())
+    if isinstance(tensors, (list, tuple)):
+        return all(all_finite(v) for v in tensors)
+    return not isinstance(tensors, float) or math.isfinite(tensors)
+
+
+# --- fingerprints -----------------------------------------------------------------------------
+
+# Config keys that do not change what a model computes from its weights.
+_VOLATILE = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache",
+             "_attn_implementation_autoset", "_commit_hash"}
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _data_digest(pairs: list[dict] | None) -> dict | None:
+    """Size and digest of tokenised examples (their token ids and labels)."""
+    if pairs is None:
+        return None
+    keys = ("prompt_ids", "chosen_ids", "rejected_ids", "completion_ids", "label")
+    rows = [[p.get(k) for k in keys] for p in pairs]
+    return {"examples": len(pairs), "sha256": _digest(rows)}
+
+
+def _weights_digest(named: list[tuple[str, torch.Tensor]]) -> str:
+    """A checksum of weights: each tensor's shape and up to 256 evenly spaced values (exact
+    bytes), cheap on any device and size, and different for any other trained model."""
+    h = hashlib.sha256()
+    for name, p in named:
+        flat = p.detach().reshape(-1)
+        picks = torch.linspace(0, flat.numel() - 1, min(flat.numel(), 256)).long()
+        h.update(f"{name}{tuple(p.shape)}".encode())
+        h.update(flat[picks.to(flat.device)].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _lora_settings(model) -> dict | None:
+    config = getattr(model, "peft_config", {}).get("default")
+    if config is None:
+        return None
+    keys = ("r", "lora_alpha", "lora_dropout", "target_modules", "fan_in_fan_out", "bias",
+            "modules_to_save", "use_rslora", "use_dora", "layers_to_transform")
+    settings = {k: getattr(config, k, None) for k in keys}
+    if isinstance(settings["target_modules"], (set, list, tuple)):
+        settings["target_modules"] = sorted(settings["target_modules"])
+    return json.loads(json.dumps(settings, default=str))
+
+
+def fingerprints(model, pairs: list[dict], eval_pairs: list[dict] | None,
+                 processes: int) -> dict:
+    """What a run trains, to be compared when it resumes. Call before the first step: for full
+    fine-tuning the base weights are the initial ones."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    frozen = [(n, p) for n, p in model.named_parameters() if "lora_" not in n]
+    config = {k: v for k, v in base.config.to_dict().items() if k not in _VOLATILE}
+    return {
+        "data": _data_digest(pairs),
+        "eval_data": _data_digest(eval_pairs),
+        "base_model": {"name": getattr(base.config, "_name_or_path", "") or "",
+                       "config": _digest(config), "weights": _weights_digest(frozen)},
+        "lora": _lora_settings(model),
+        "load_dtype": ",".join(sorted({str(p.dtype).removeprefix("torch.") for _, p in frozen})),
+        "processes": processes,
+    }
+
+
+def changed_fingerprints(saved: dict, now: dict) -> list[str]:
+    """What differs between a checkpoint's fingerprints and this run's, in words."""
+    changes = []
+    for key, what in (("data", "the training data"), ("eval_data", "the evaluation data")):
+        if saved.get(key) != now[key]:
+            def size(d):
+                return "none" if d is None else f"{d['examples']} examples"
+            changes.append(f"{what} (tokenised: {size(saved.get(key))} then, {size(now[key])} "
+                           "now, or other contents)")
+    then, base = saved.get("base_model", {}), now["base_model"]
+    if then.get("config") != base["config"] or then.get("weights") != base["weights"]:
+        part = "config" if then.get("config") != base["config"] else "weights"
+        changes.append(f"the base model ({part} differ: {then.get('name') or 'unnamed'!r} then, "
+                       f"{base['name'] or 'unnamed'!r} now)")
+    if saved.get("lora") != now["lora"]:
+        changes.append(f"the LoRA settings ({saved.get('lora')} then, {now['lora']} now)")
+    if saved.get("load_dtype") != now["load_dtype"]:
+        changes.append(f"the load dtype of the weights ({saved.get('load_dtype')} then, "
+                       f"{now['load_dtype']} now)")
+    if saved.get("processes") != now["processes"]:
+        changes.append(f"the number of processes ({saved.get('processes')} then, "
+                       f"{now['processes']} now; the data order is per global batch, batch_size"
+                       " x processes)")
+    return changes
+
+
+# --- stop signals -----------------------------------------------------------------------------
+
+class StopRequests:
+    """SIGINT (Ctrl-C) and SIGTERM (Slurm, Kubernetes, `timeout`) during training.
+
+    The first signal asks the run to stop after the current step: every process then agrees on
+    that step, the checkpoint is saved, and the run raises KeyboardInterrupt. A second signal
+    stops at once (KeyboardInterrupt), except inside `deferred()` (the optimiser update and its
+    bookkeeping, a save), which finishes first so that no state is half written. Handlers are
+    installed only in the main thread, and the previous ones are restored on exit.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, announce: bool = True):
+        self.requested, self.signum, self.announce = False, None, announce
+        self._depth, self._pending, self._previous = 0, False, {}
+
+    def __enter__(self) -> "StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if not self.requested:
+            self.requested, self.signum = True, signum
+            if self.announce:
+                print(f"dpo-minimal: {signal.Signals(signum).name} received: stopping after this "
+                      "step, with a checkpoint if output_dir is set (send it again to stop at "
+                      "once).", file=sys.stderr, flush=True)
+        elif self._depth:
+            self._pending = True
+        else:
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def deferred(self):
+        """A second signal inside waits until the block is done."""
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+        if self._pending and not self._depth:
+            self._pending = False
+            raise KeyboardInterrupt
