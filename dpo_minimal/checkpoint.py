@@ -84,9 +84,9 @@ def check_output_dir(output_dir: str | None, resume: bool = False,
     if found and not resume and not overwrite:
         shown = ", ".join(found[:5]) + (", ..." if len(found) > 5 else "")
         raise ValueError(f"output_dir {str(folder)!r} already holds another run ({shown}): "
-                         "continue it with resume (--resume, or resume_from=True), replace it "
-                         "with overwrite (--overwrite, or overwrite_output_dir=True: its "
-                         "checkpoints are deleted), or choose another output_dir.")
+                         "continue it with --resume (resume_from=True in Python), replace it "
+                         "with --overwrite (overwrite_output_dir=True; its checkpoints are "
+                         "deleted), or choose another output_dir.")
 
 
 def clear_checkpoints(output_dir: str) -> list[Path]:
@@ -220,25 +220,32 @@ def changed_fingerprints(saved: dict, now: dict) -> list[str]:
     """What differs between a checkpoint's fingerprints and this run's, in words."""
     changes = []
     for key, what in (("data", "the training data"), ("eval_data", "the evaluation data")):
-        if saved.get(key) != now[key]:
-            def size(d):
-                return "none" if d is None else f"{d['examples']} examples"
-            changes.append(f"{what} (tokenised: {size(saved.get(key))} then, {size(now[key])} "
-                           "now, or other contents)")
+        then, now_ = saved.get(key), now[key]
+        if then != now_:
+            sizes = [None if d is None else d["examples"] for d in (then, now_)]
+            changes.append(f"{what} differs (" + ("same size, other token ids" if sizes[0] ==
+                           sizes[1] else f"{sizes[0] or 'no'} examples then, "
+                           f"{sizes[1] or 'no'} now") + ")")
     then, base = saved.get("base_model", {}), now["base_model"]
     if then.get("config") != base["config"] or then.get("weights") != base["weights"]:
         part = "config" if then.get("config") != base["config"] else "weights"
-        changes.append(f"the base model ({part} differ: {then.get('name') or 'unnamed'!r} then, "
-                       f"{base['name'] or 'unnamed'!r} now)")
-    if saved.get("lora") != now["lora"]:
-        changes.append(f"the LoRA settings ({saved.get('lora')} then, {now['lora']} now)")
+        changes.append(f"the base model differs (its {part}; {then.get('name') or 'unnamed'!r} "
+                       f"then, {base['name'] or 'unnamed'!r} now)")
+    lora_then, lora_now = saved.get("lora") or {}, now["lora"] or {}
+    if lora_then != lora_now:
+        keys = sorted(k for k in {*lora_then, *lora_now} if lora_then.get(k) != lora_now.get(k))
+        shown = ", ".join(f"{k} {lora_then.get(k)} then, {lora_now.get(k)} now" for k in keys)
+        changes.append(f"the LoRA settings differ ({shown or 'an adapter then, none now'})"
+                       if lora_then and lora_now else
+                       f"the model had {'a LoRA adapter' if lora_then else 'no adapter'} then "
+                       f"and {'has one' if lora_now else 'has none'} now")
     if saved.get("load_dtype") != now["load_dtype"]:
-        changes.append(f"the load dtype of the weights ({saved.get('load_dtype')} then, "
-                       f"{now['load_dtype']} now)")
+        changes.append(f"the load dtype of the weights differs ({saved.get('load_dtype')} "
+                       f"then, {now['load_dtype']} now)")
     if saved.get("processes") != now["processes"]:
-        changes.append(f"the number of processes ({saved.get('processes')} then, "
-                       f"{now['processes']} now; the data order is per global batch, batch_size"
-                       " x processes)")
+        changes.append(f"it was written by {saved.get('processes')} process(es) and this run "
+                       f"has {now['processes']} (the data order is per global batch, batch_size"
+                       " x processes: resume with as many)")
     return changes
 
 

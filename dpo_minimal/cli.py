@@ -12,11 +12,13 @@ the same options; flags given on the command line override it.
 import argparse
 import json
 import os
+import signal
 import sys
 import types
 from dataclasses import asdict, fields
 from pathlib import Path
 
+from .checkpoint import check_output_dir
 from .losses import LOSSES
 from .train import DTYPES, SCHEDULERS, NonFiniteLossError, TrainConfig
 
@@ -88,13 +90,18 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+# Shorter names that a flag also answers to.
+ALIASES = {"overwrite_output_dir": ("--overwrite",)}
+
+
 def _add_option(group, name: str, default, kind: type, help: str, optional: bool = False):
     """One option; its value stays unset unless given, so --config values can fill it."""
     shown = help if "default" in help else f"{help} (default: {default})".strip()
     shown = shown.replace("%", "%%")
     if kind is bool:
-        group.add_argument(_flag(name), action=argparse.BooleanOptionalAction,
-                           default=argparse.SUPPRESS, help=shown)
+        group.add_argument(_flag(name), *ALIASES.get(name, ()), dest=name,
+                           action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=shown)
         return
     choices = list(CHOICES[name]) if name in CHOICES else None
     group.add_argument(_flag(name), type=_converter(kind, optional), choices=choices,
@@ -257,6 +264,12 @@ def _options(args, parser) -> tuple[dict, TrainConfig]:
                      "checkpoints are written there.")
     if options["resume"] and options["resume_from"] is not None:
         parser.error("give --resume (newest checkpoint) or --resume-from PATH, not both.")
+    try:  # before the model is loaded: a folder that cannot hold the run is found at once
+        check_output_dir(config.output_dir, resume=bool(options["resume"] or
+                                                        options["resume_from"]),
+                         overwrite=config.overwrite_output_dir)
+    except ValueError as err:
+        parser.error(str(err))
     if options["load_dtype"] not in ("auto", *DTYPES):
         parser.error(f"--load-dtype {options['load_dtype']!r}: use auto, "
                      f"{', '.join(DTYPES)}.")
@@ -309,11 +322,13 @@ def _train_command(args, parser) -> int:
     rank, _, world = _rank()
     say = print if rank == 0 else (lambda *a, **k: None)
     try:
-        data = load_preferences(options["data"], split=options["split"])
-        eval_data = (None if options["eval_data"] is None else
-                     load_preferences(options["eval_data"], split=options["eval_split"]))
-        unit = "examples" if "completion" in data.column_names else "pairs"  # KTO's unpaired rows
         model, tokenizer = _load_model(options, config)
+        # Conversational rows are rendered with the model's own chat template.
+        data = load_preferences(options["data"], split=options["split"], tokenizer=tokenizer)
+        eval_data = (None if options["eval_data"] is None else
+                     load_preferences(options["eval_data"], split=options["eval_split"],
+                                      tokenizer=tokenizer))
+        unit = "examples" if "completion" in data.column_names else "pairs"  # KTO's unpaired rows
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         model = shard_fsdp(model, config.dtype) if options["fsdp"] else model
         say(f"dpo-minimal: {options['model'] or 'tiny ' + options['tiny']}, "
@@ -327,9 +342,11 @@ def _train_command(args, parser) -> int:
         parser.error(str(err))
     except KeyboardInterrupt as err:
         where = getattr(err, "checkpoint", None)
-        say(f"dpo-minimal: interrupted{'; saved ' + str(where) if where else ''}. Continue "
-            "with the same command and --resume.", file=sys.stderr)
-        return 130
+        say(f"dpo-minimal: stopped after {len(getattr(err, 'history', []))} steps"
+            f"{'; saved ' + str(where) if where else ''}. Continue with the same command and "
+            "--resume.", file=sys.stderr)
+        _leave_process_group()
+        return 128 + (getattr(err, "signum", None) or signal.SIGINT)  # 130 SIGINT, 143 SIGTERM
     except NonFiniteLossError as err:
         say(f"dpo-minimal: {err}", file=sys.stderr)
         return 1
@@ -417,7 +434,7 @@ def _eval_command(args, parser) -> int:
         if args.adapter is not None:
             model = load_adapter(model, args.adapter)
         reference = None if args.reference_model is None else load_model(args.reference_model)[0]
-        data = load_preferences(args.data, split=args.split)
+        data = load_preferences(args.data, split=args.split, tokenizer=tokenizer)
         metrics = evaluate(model, tokenizer, data, config, reference_model=reference)
     except (ValueError, FileNotFoundError, OSError) as err:
         parser.error(str(err))

@@ -4,6 +4,7 @@ What the library knows about a model family lives in one place, `ARCHITECTURES`;
 is one `Architecture` entry.
 """
 
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -274,4 +275,7 @@ def add_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.05,
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():  # peft asks transformers a deprecated name: not our news
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated",
+                                FutureWarning)
+        return get_peft_model(model, config)
