@@ -89,14 +89,12 @@ def check_output_dir(output_dir: str | None, resume: bool = False,
                          "deleted), or choose another output_dir.")
 
 
-def clear_checkpoints(output_dir: str) -> list[Path]:
-    """Delete the checkpoint folders in `output_dir` (overwrite: this run replaces that one)."""
+def clear_checkpoints(folders: list[Path]) -> None:
+    """Delete checkpoint folders (overwrite_output_dir: this run replaces another)."""
     import shutil
 
-    doomed = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir()]
-    for path in doomed:
+    for path in folders:
         shutil.rmtree(path)
-    return doomed
 
 
 # --- finding checkpoints ----------------------------------------------------------------------

@@ -783,8 +783,9 @@ class _Run:
                       else _load_checkpoint(resume_from, config, self.fingerprints))
         self.run_id = uuid.uuid4().hex if checkpoint is None else checkpoint["run_id"]
         self.saved_at = None if checkpoint is None else checkpoint["steps_done"]
-        if checkpoint is None and config.overwrite_output_dir and config.output_dir:
-            clear_checkpoints(config.output_dir)  # all checks passed: this run replaces that one
+        foreign = _foreign_checkpoints(config, self.run_id, fresh=checkpoint is None)
+        if foreign:  # all checks passed: this run replaces that one (overwrite_output_dir)
+            clear_checkpoints(foreign)
 
         torch.manual_seed(config.seed)
         disable_dropout(model)
@@ -1010,6 +1011,23 @@ class _Run:
 # the current step, as in TRL).
 _RESUMABLE = {"progress", "output_dir", "save_steps", "save_total_limit", "device", "eval_every",
               "eval_batch_size", "logging_steps", "overwrite_output_dir", "max_steps"}
+
+
+def _foreign_checkpoints(config: TrainConfig, run_id: str, fresh: bool) -> list[Path]:
+    """Checkpoint folders in output_dir that are not this run's: refused, or with
+    overwrite_output_dir the ones to delete (a fresh run replaces every one of them)."""
+    if config.output_dir is None or not Path(config.output_dir).is_dir():
+        return []
+    found = [p for p in Path(config.output_dir).glob("checkpoint-*") if p.is_dir()]
+    foreign = found if fresh else [p for p in found
+                                   if (read_state(p) or {}).get("run_id") not in (None, run_id)]
+    if foreign and not config.overwrite_output_dir:
+        raise CheckpointError(f"output_dir {config.output_dir!r} holds another run's checkpoints "
+                              f"({', '.join(sorted(p.name for p in foreign)[:4])}), which this "
+                              "run would overwrite: resume into the folder of the checkpoint, "
+                              "choose another output_dir, or replace them with --overwrite "
+                              "(overwrite_output_dir=True).")
+    return foreign
 
 
 def _checkpoint_path(resume_from, config: TrainConfig) -> Path:

@@ -5,10 +5,12 @@ the row, the file and line) and, where there is one, the fix. Training cases als
 nothing was trained before the refusal. Issue 16, item 4.
 """
 
+import dataclasses
 import inspect
 import json
 import re
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -475,3 +477,258 @@ def test_plan_memory_refuses(override, words):
     kwargs = {**dict(batch_pairs=1, seq_len=64, dtype="float16"), **override}
     with pytest.raises(ValueError, match=words):
         plan_memory(GPT2Config(n_embd=64, n_layer=2, n_head=4), **kwargs)
+
+
+# === Issue 24: where real users meet it ======================================================
+# Each case also checks that nothing on disk was written, overwritten or deleted (`_unchanged`).
+
+CONVERSATIONS = [{"prompt": [USER], "chosen": [NO], "rejected": [YES]}] * 4
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+SYSTEM_EXIT = re.compile(r"Traceback")
+
+
+def _tree(root) -> dict:
+    """Every folder under `root`, and every file with its size and modification time."""
+    root = Path(root)
+    if not root.exists():
+        return {}
+    return {str(p.relative_to(root)): None if p.is_dir() else (p.stat().st_size,
+                                                              p.stat().st_mtime_ns)
+            for p in root.rglob("*")}
+
+
+@contextmanager
+def _unchanged(*roots):
+    """Nothing under `roots` is created, changed or deleted inside the block."""
+    before = [(_tree(r), Path(r).exists()) for r in roots]
+    yield
+    assert [(_tree(r), Path(r).exists()) for r in roots] == before
+
+
+def _small(tmp_path, **kwargs) -> TrainConfig:
+    return _config(**{"output_dir": str(tmp_path / "run"), "save_steps": 1, "max_steps": 2,
+                      "learning_rate": 1e-2, **kwargs})
+
+
+def _cli(argv, capsys) -> str:
+    """Run the command line, expecting exit status 2 and no traceback; its stderr."""
+    from dpo_minimal.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and not SYSTEM_EXIT.search(err)
+    return err
+
+
+@pytest.fixture
+def prefs(tmp_path) -> str:
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    return str(path)
+
+
+CLI_SMALL = ["--tiny", "gpt2", "--max-length", "64", "--max-prompt-length", "32",
+             "--batch-size", "2", "--max-steps", "2", "--lora-r", "2", "--no-progress"]
+
+
+# --- 1. the model's chat template ---------------------------------------------------------------
+
+def _no_template():
+    model, tok = _lora()
+    tok.chat_template = None
+    return model, tok
+
+
+def test_conversations_with_a_tokenizer_without_template_train(tmp_path):
+    model, tok = _no_template()
+    with _unchanged(tmp_path), _refused_before_training(
+            model, ValueError, _all("chat template", "tokenizer.chat_template", "course")):
+        train(model, tok, CONVERSATIONS, _small(tmp_path))
+
+
+def test_conversations_with_a_tokenizer_without_template_evaluate():
+    model, tok = _no_template()
+    with _refused_before_training(model, ValueError, _all("chat template", "chat_template =")):
+        evaluate(model, tok, CONVERSATIONS, _config())
+
+
+def test_conversations_with_a_model_folder_without_template_cli(tmp_path, capsys):
+    model, tok = tiny_model("gpt2")
+    tok.chat_template = None
+    model.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    (tmp_path / "chat.jsonl").write_text(json.dumps(CONVERSATIONS[0]) + "\n")
+    with _unchanged(tmp_path):
+        err = _cli(["train", "--model", str(tmp_path / "base"), "--data",
+                    str(tmp_path / "chat.jsonl"), "--output-dir", str(tmp_path / "out"),
+                    *CLI_SMALL[2:]], capsys)
+    assert re.search(_all("chat template", "chat_template"), err)
+
+
+def test_the_chat_template_of_the_model_is_the_one_trained():
+    """A ChatML tokenizer: the token ids trained are apply_chat_template's, and the first
+    step's log-probs differ from the course template's (they were equal before)."""
+    chatml = course_tokenizer()
+    chatml.chat_template = CHATML
+    raw = [json.loads(line) for line in
+           shipped_data_path("conversations").read_text().splitlines()[:4]]
+    pairs = tokenize_preferences(load_preferences(raw, tokenizer=chatml), chatml, 512, 256)
+
+    def ids(messages, **kwargs):
+        return chatml.apply_chat_template(messages, return_dict=True, **kwargs)["input_ids"]
+
+    for row, pair in zip(raw, pairs):
+        assert pair["prompt_ids"] == ids(row["prompt"], add_generation_prompt=True)
+        full = ids(row["prompt"] + row["chosen"]) + [chatml.eos_token_id]
+        assert pair["prompt_ids"] + pair["chosen_ids"] == full
+    config = _config(max_steps=1, max_length=512, max_prompt_length=256)
+    course = train(*_lora(), raw, config)[0]["logps/chosen"]
+    model, _ = _lora()
+    assert train(model, chatml, raw, config)[0]["logps/chosen"] != course
+
+
+def test_evaluate_moves_the_model_to_config_device(monkeypatch):
+    model, tok = _lora()
+    moved = []
+    monkeypatch.setattr(type(model), "to", lambda self, *a, **k: moved.append(a) or self)
+    evaluate(model, tok, ROWS[:2], _config(device="cpu"))
+    assert moved and str(moved[0][0]) == "cpu"
+
+
+# --- 2. output folders, checked before any work ------------------------------------------------
+
+def test_output_dir_that_is_a_file(tmp_path):
+    (tmp_path / "run").write_text("my notes")
+    model, tok = _lora()
+    with _unchanged(tmp_path), _refused_before_training(model, ValueError,
+                                                        _all("is a file", "folder")):
+        train(model, tok, ROWS, _small(tmp_path))
+
+
+def test_output_dir_under_a_file(tmp_path):
+    (tmp_path / "notes").write_text("x")
+    model, tok = _lora()
+    config = _config(output_dir=str(tmp_path / "notes" / "run"), save_steps=1)
+    with _unchanged(tmp_path), _refused_before_training(model, ValueError,
+                                                        _all("notes", "is a file")):
+        train(model, tok, ROWS, config)
+
+
+def test_output_dir_that_cannot_be_written():
+    model, tok = _lora()
+    with _refused_before_training(model, ValueError, _all("cannot be written", "(?i)permission",
+                                                          "folder you can write")):
+        train(model, tok, ROWS, _config(output_dir="/sys/dpo-minimal-run", save_steps=1))
+
+
+@pytest.mark.parametrize("name", ["", "   "])
+def test_output_dir_with_an_empty_name(name):
+    with pytest.raises(ValueError, match=_all("output_dir", "empty", "runs/dpo")):
+        TrainConfig(output_dir=name)
+
+
+def test_output_dir_expands_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = _config(output_dir="~/runs/dpo", save_steps=2)
+    assert config.output_dir == str(tmp_path / "runs" / "dpo")
+    train(*_lora(), ROWS, config)
+    assert (tmp_path / "runs" / "dpo" / "checkpoint-1" / "trainable.safetensors").is_file()
+    assert not Path("~").exists()
+
+
+def test_output_dir_holding_another_run_is_refused(tmp_path):
+    train(*_lora(), ROWS, _small(tmp_path))
+    model, tok = _lora()
+    with _unchanged(tmp_path), _refused_before_training(
+            model, ValueError, _all("already holds another run", "checkpoint-1", "--resume",
+                                    "--overwrite", "another output_dir")):
+        train(model, tok, ROWS, _small(tmp_path))
+
+
+@pytest.mark.parametrize("left", ["history.json", "adapter", "run.json"])
+def test_output_dir_holding_command_line_outputs_is_refused(tmp_path, left):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / left).write_text("{}") if "." in left else (tmp_path / "run" / left).mkdir()
+    model, tok = _lora()
+    with _unchanged(tmp_path), _refused_before_training(model, ValueError,
+                                                        _all("another run", left)):
+        train(model, tok, ROWS, _small(tmp_path))
+
+
+def test_overwrite_replaces_the_old_run(tmp_path):
+    train(*_lora(), ROWS, _small(tmp_path, max_steps=3))
+    train(*_lora(), ROWS, _small(tmp_path, overwrite_output_dir=True))
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint-1",
+                                                                     "checkpoint-2"]
+
+
+def _train_interrupted_at(config, call: int, data=ROWS):
+    """Train a fresh adapter until its `call`-th update raises KeyboardInterrupt (Ctrl-C)."""
+    from dpo_minimal.train import _Run
+
+    update, calls = _Run.update, []
+
+    def interrupted(self):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return update(self)
+
+    _Run.update = interrupted
+    try:
+        train(*_lora(), data, config)
+    finally:
+        _Run.update = update
+
+
+def test_resuming_into_a_folder_holding_another_run_is_refused(tmp_path):
+    train(*_lora(), ROWS, _config(output_dir=str(tmp_path / "a"), save_steps=1, max_steps=2))
+    other = _config(output_dir=str(tmp_path / "b"), save_steps=1, max_steps=3)
+    with pytest.raises(KeyboardInterrupt):
+        _train_interrupted_at(other, 2)
+    model, tok = _lora()
+    with _unchanged(tmp_path), _refused_before_training(
+            model, ValueError, _all("another run's checkpoints", "checkpoint-1", "--overwrite")):
+        train(model, tok, ROWS, dataclasses.replace(other, output_dir=str(tmp_path / "a")),
+              resume_from=tmp_path / "b" / "checkpoint-1")
+
+
+def test_pruning_keeps_the_newest_checkpoints_of_the_run(tmp_path):
+    config = _config(output_dir=str(tmp_path), save_steps=1, max_steps=4, save_total_limit=2)
+    with pytest.raises(KeyboardInterrupt):
+        _train_interrupted_at(config, 3)
+    train(*_lora(), ROWS, config, resume_from=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3", "checkpoint-4"]
+
+
+def test_cli_output_dir_that_is_a_file(tmp_path, prefs, capsys):
+    (tmp_path / "out").write_text("keep me")
+    with _unchanged(tmp_path):
+        err = _cli(["train", *CLI_SMALL, "--data", prefs, "--output-dir",
+                    str(tmp_path / "out")], capsys)
+    assert re.search(_all("is a file", "folder"), err)
+
+
+def test_cli_output_dir_that_cannot_be_written(prefs, capsys):
+    err = _cli(["train", *CLI_SMALL, "--data", prefs, "--output-dir", "/sys/dpo-run"], capsys)
+    assert re.search(_all("cannot be written", "write to"), err)
+
+
+def test_cli_output_dir_holding_another_run(tmp_path, prefs, capsys):
+    from dpo_minimal.cli import main
+
+    assert main(["train", *CLI_SMALL, "--data", prefs, "--output-dir", str(tmp_path / "o")]) == 0
+    capsys.readouterr()
+    with _unchanged(tmp_path):
+        err = _cli(["train", *CLI_SMALL, "--data", prefs, "--output-dir", str(tmp_path / "o")],
+                   capsys)
+    assert re.search(_all("already holds another run", "--resume", "--overwrite"), err)
+    assert main(["train", *CLI_SMALL, "--data", prefs, "--output-dir", str(tmp_path / "o"),
+                 "--overwrite"]) == 0
+
+
+def test_cli_output_dir_with_an_empty_name(prefs, capsys):
+    assert re.search(_all("output_dir", "empty"),
+                     _cli(["train", *CLI_SMALL, "--data", prefs, "--output-dir", ""], capsys))
