@@ -8,7 +8,9 @@ nothing was trained before the refusal. Issue 16, item 4.
 import dataclasses
 import inspect
 import json
+import math
 import re
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -732,3 +734,192 @@ def test_cli_output_dir_holding_another_run(tmp_path, prefs, capsys):
 def test_cli_output_dir_with_an_empty_name(prefs, capsys):
     assert re.search(_all("output_dir", "empty"),
                      _cli(["train", *CLI_SMALL, "--data", prefs, "--output-dir", ""], capsys))
+
+
+# --- 3. no poisoned state ---------------------------------------------------------------------
+
+def _finite_on_disk(folder) -> list[str]:
+    from safetensors.torch import load_file
+
+    return [p.name for p in sorted(Path(folder).glob("checkpoint-*"))
+            if all(torch.isfinite(t).all() for t in load_file(p / "trainable.safetensors")
+                   .values())]
+
+
+def test_a_diverging_run_writes_no_poisoned_checkpoint(tmp_path):
+    from dpo_minimal.train import NonFiniteLossError
+
+    config = _small(tmp_path, learning_rate=1e4, max_steps=20, max_grad_norm=None,
+                    save_total_limit=1)
+    with pytest.raises(NonFiniteLossError, match=_all("float32 run", "learning_rate", "lower")) \
+            as caught:
+        train(*_lora(), ROWS, config)
+    assert "float16" not in str(caught.value)
+    on_disk = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert on_disk and _finite_on_disk(tmp_path / "run") == on_disk  # the newest finite is kept
+    model, tok = _lora()
+    resumed = train(model, tok, ROWS, dataclasses.replace(config, max_steps=len(
+        caught.value.history)), resume_from=True)
+    assert all(math.isfinite(row["loss"]) for row in resumed)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_non_finite_gradient_stops_before_the_update(tmp_path):
+    from dpo_minimal.train import NonFiniteLossError
+
+    model, tok = _lora()
+    weight = next(p for n, p in model.named_parameters() if "lora_A" in n)
+    before = weight.detach().clone()
+    weight.register_hook(lambda grad: grad * math.inf)
+    with _unchanged(tmp_path), pytest.raises(NonFiniteLossError,
+                                             match=_all("gradient norm", "step 0", "finite loss")):
+        train(model, tok, ROWS, _config())
+    assert torch.equal(weight, before)  # no update was applied
+
+
+def test_weights_poisoned_by_an_update_are_never_saved(tmp_path, monkeypatch):
+    from dpo_minimal.train import NonFiniteLossError, _Run
+
+    update, calls = _Run.update, []
+
+    def poisoning(self):
+        out = update(self)
+        calls.append(1)
+        if len(calls) == 3:
+            with torch.no_grad():
+                self.params[0].fill_(math.inf)
+        return out
+
+    monkeypatch.setattr(_Run, "update", poisoning)
+    with pytest.raises(NonFiniteLossError, match=_all("non-finite by step 3", "checkpoint-2")):
+        train(*_lora(), ROWS, _small(tmp_path, max_steps=5))
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint-1",
+                                                                     "checkpoint-2"]
+
+
+@pytest.mark.parametrize("damage", ["no trainer_state", "tmp folder"])
+def test_resume_skips_an_incomplete_checkpoint(tmp_path, damage):
+    train(*_lora(), ROWS, _small(tmp_path, max_steps=2))
+    run = tmp_path / "run"
+    if damage == "no trainer_state":
+        (run / "checkpoint-2" / "trainer_state.json").unlink()  # a save cut short
+    else:
+        shutil.copytree(run / "checkpoint-2", run / "checkpoint-3.tmp")
+        shutil.rmtree(run / "checkpoint-2")
+    history = train(*_lora(), ROWS, _small(tmp_path, max_steps=2), resume_from=True)
+    assert len(history) == 2  # it resumed from checkpoint-1 and trained step 2 again
+
+
+def test_cli_diverging_run_exits_1_naming_the_learning_rate(tmp_path, prefs, capsys):
+    from dpo_minimal.cli import main
+
+    code = main(["train", *CLI_SMALL, "--data", prefs, "--output-dir", str(tmp_path / "o"),
+                 "--learning-rate", "1e4", "--max-grad-norm", "none", "--max-steps", "20"])
+    err = capsys.readouterr().err
+    assert code == 1 and re.search(_all("learning_rate", "lower"), err)
+    assert "Traceback" not in err and "float16" not in err
+
+
+# --- 4. a resume that knows its run -----------------------------------------------------------
+
+@pytest.fixture
+def saved_run(tmp_path):
+    """A LoRA run of 2 steps with a checkpoint after each."""
+    config = _small(tmp_path, max_steps=2)
+    train(*_lora(), ROWS, config, eval_data=ROWS[:2])
+    return config
+
+
+def _other_base(seed=1):
+    model, tok = tiny_model("gpt2", seed=seed)
+    return add_lora(model, r=4), tok
+
+
+RESUME_CASES = [
+    ("other data, same size", lambda: (_lora(), ROWS[1:] + ROWS[:1], ROWS[:2]),
+     ("training data differs", "same size")),
+    ("other data size", lambda: (_lora(), ROWS[:6], ROWS[:2]), ("training data", "8", "6")),
+    ("other eval data", lambda: (_lora(), ROWS, ROWS[2:4]), ("evaluation data",)),
+    ("no eval data", lambda: (_lora(), ROWS, None), ("evaluation data",)),
+    ("other base weights", lambda: (_other_base(), ROWS, ROWS[:2]), ("base model", "weights")),
+    ("other architecture", lambda: ((add_lora(tiny_model("phi")[0], r=4), tiny_model("phi")[1]),
+                                    ROWS, ROWS[:2]), ("base model", "config", "LoRA")),
+    ("other LoRA alpha", lambda: ((add_lora(tiny_model("gpt2")[0], r=4, alpha=8),
+                                   course_tokenizer()), ROWS, ROWS[:2]), ("LoRA", "lora_alpha")),
+    ("other LoRA targets", lambda: ((add_lora(tiny_model("gpt2")[0], r=4, target_modules=[
+        "c_attn"]), course_tokenizer()), ROWS, ROWS[:2]), ("LoRA", "target_modules")),
+    ("other load dtype", lambda: ((add_lora(tiny_model("gpt2")[0].to(torch.bfloat16), r=4),
+                                   course_tokenizer()), ROWS, ROWS[:2]), ("load dtype",)),
+]
+
+
+@pytest.mark.parametrize("make, words", [c[1:] for c in RESUME_CASES],
+                         ids=[c[0] for c in RESUME_CASES])
+def test_resume_refuses_another_run(saved_run, tmp_path, make, words):
+    from dpo_minimal.checkpoint import CheckpointError
+
+    (model, tok), data, eval_data = make()
+    with _unchanged(tmp_path), _refused_before_training(
+            model, CheckpointError, _all("checkpoint-2", "another run", *words,
+                                         "(?i)resume with")):
+        train(model, tok, data, saved_run, eval_data=eval_data, resume_from=True)
+
+
+@pytest.mark.parametrize("name, damage", [
+    ("trainable.safetensors", lambda p: p.write_bytes(p.read_bytes()[:100])),
+    ("state.pt", lambda p: p.write_bytes(p.read_bytes()[:1000])),
+    ("history.json", lambda p: p.unlink()),
+    ("config.json", lambda p: p.write_text("{broken")),
+], ids=["truncated weights", "truncated state", "missing history", "broken config"])
+def test_a_damaged_checkpoint_names_itself_and_the_previous_one(saved_run, tmp_path, name,
+                                                                damage):
+    from dpo_minimal.checkpoint import CheckpointError
+
+    damage(tmp_path / "run" / "checkpoint-2" / name)
+    model, tok = _lora()
+    with _unchanged(tmp_path), _refused_before_training(
+            model, CheckpointError, _all("checkpoint-2", re.escape(name), "cannot be read",
+                                         "checkpoint-1")):
+        train(model, tok, ROWS, saved_run, eval_data=ROWS[:2], resume_from=True)
+
+
+def test_a_broken_trainer_state_named_when_resumed_by_path(saved_run, tmp_path):
+    from dpo_minimal.checkpoint import CheckpointError
+
+    (tmp_path / "run" / "checkpoint-2" / "trainer_state.json").unlink()
+    model, tok = _lora()
+    with _unchanged(tmp_path), _refused_before_training(
+            model, CheckpointError, _all("trainer_state.json", "incomplete", "checkpoint-1")):
+        train(model, tok, ROWS, saved_run, eval_data=ROWS[:2],
+              resume_from=tmp_path / "run" / "checkpoint-2")
+
+
+def test_raising_max_steps_continues_the_run(saved_run):
+    history = train(*_lora(), ROWS, dataclasses.replace(saved_run, max_steps=4),
+                    eval_data=ROWS[:2], resume_from=True)
+    assert [row["step"] for row in history] == [0, 1, 2, 3]
+
+
+def test_max_steps_below_the_steps_done_is_refused(saved_run, tmp_path):
+    from dpo_minimal.checkpoint import CheckpointError
+
+    model, tok = _lora()
+    with _unchanged(tmp_path), _refused_before_training(
+            model, CheckpointError, _all("2 steps done", "max_steps=1", "max_steps >= 2")):
+        train(model, tok, ROWS, dataclasses.replace(saved_run, max_steps=1),
+              eval_data=ROWS[:2], resume_from=True)
+
+
+def test_cli_resume_with_other_data(tmp_path, prefs, capsys):
+    from dpo_minimal.cli import main
+
+    out = str(tmp_path / "o")
+    assert main(["train", *CLI_SMALL, "--data", prefs, "--output-dir", out,
+                 "--save-steps", "1"]) == 0
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps(row) + "\n" for row in ROWS[::-1]))
+    capsys.readouterr()
+    with _unchanged(tmp_path):
+        err = _cli(["train", *CLI_SMALL, "--data", str(other), "--output-dir", out,
+                    "--save-steps", "1", "--resume"], capsys)
+    assert re.search(_all("checkpoint-2", "training data differs"), err)
