@@ -923,3 +923,150 @@ def test_cli_resume_with_other_data(tmp_path, prefs, capsys):
         err = _cli(["train", *CLI_SMALL, "--data", str(other), "--output-dir", out,
                     "--save-steps", "1", "--resume"], capsys)
     assert re.search(_all("checkpoint-2", "training data differs"), err)
+
+
+# --- 5. signals -------------------------------------------------------------------------------
+
+def _signal_in(method: str, signals: int = 1, at: int = 2):
+    """Patch _Run.`method` so that its `at`-th call sends SIGINT to this process `signals`
+    times, as Ctrl-C (pressed once, or again) or a scheduler would, then runs as usual."""
+    import os
+    import signal
+
+    from dpo_minimal.train import _Run
+
+    real, calls = getattr(_Run, method), []
+
+    def sending(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == at:
+            for _ in range(signals):
+                os.kill(os.getpid(), signal.SIGINT)
+        return real(self, *args, **kwargs)
+
+    return real, sending
+
+
+@pytest.mark.parametrize("method, signals", [("micro_step", 1), ("update", 1), ("update", 2),
+                                             ("save", 1), ("save", 2)],
+                         ids=["once in a forward", "once in the update", "twice in the update",
+                              "once in a save", "twice in a save"])
+def test_a_stop_signal_keeps_a_consistent_checkpoint(tmp_path, monkeypatch, method, signals):
+    import signal
+
+    from dpo_minimal.train import _Run
+
+    handler = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(_Run, method, _signal_in(method, signals)[1])
+    config = _small(tmp_path, max_steps=5, save_steps=2 if method == "save" else 0)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        train(*_lora(), ROWS, config)
+    assert signal.getsignal(signal.SIGINT) is handler  # the caller's handler is back
+    done = len(caught.value.history)
+    assert caught.value.checkpoint.name == f"checkpoint-{done}"
+    state = torch.load(caught.value.checkpoint / "state.pt", weights_only=True)
+    assert state["steps_done"] == done == state["scheduler"]["last_epoch"]
+    assert {s["step"].item() for s in state["optimizer"]["state"].values()} == {done}
+    monkeypatch.undo()
+    resumed = train(*_lora(), ROWS, config, resume_from=True)
+    whole = train(*_lora(), ROWS, dataclasses.replace(config, output_dir=None, save_steps=0))
+    timing = ("step_seconds", "tokens_per_second", "peak_memory_gib")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in resumed] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in whole]
+
+
+def test_an_interrupt_during_evaluation_resumes_bit_for_bit(tmp_path, monkeypatch):
+    from dpo_minimal.train import _Run
+
+    config = _small(tmp_path, max_steps=4, save_steps=0, eval_every=2)
+    timing = ("step_seconds", "tokens_per_second", "peak_memory_gib")
+    whole = train(*_lora(), ROWS, dataclasses.replace(config, output_dir=None), eval_data=ROWS)
+    real = _Run.evaluate
+
+    def interrupted(self):  # Ctrl-C in the middle of the evaluation after step 2
+        self.evaluate = lambda: (_ for _ in ()).throw(KeyboardInterrupt)
+        real(self)
+        return self.evaluate()
+
+    monkeypatch.setattr(_Run, "evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(*_lora(), ROWS, config, eval_data=ROWS)
+    monkeypatch.undo()
+    resumed = train(*_lora(), ROWS, config, eval_data=ROWS, resume_from=True)
+    assert [{k: v for k, v in r.items() if k not in timing} for r in resumed] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in whole]
+
+
+def test_sigterm_through_the_command_line(tmp_path, prefs):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "dpo_minimal", "train", *CLI_SMALL, "--data", prefs,
+            "--max-steps", "50", "--logging-steps", "1", "--output-dir", str(tmp_path / "o")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    run = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    for line in run.stdout:
+        if line.startswith("step 2/"):
+            run.send_signal(signal.SIGTERM)
+            break
+    out, err = run.communicate(timeout=300)
+    assert run.returncode == 128 + signal.SIGTERM, err
+    assert re.search(_all("SIGTERM", "stopping after this step", "--resume"), err)
+    assert "Traceback" not in err
+    saved = [p.name for p in (tmp_path / "o").iterdir()]
+    assert len(saved) == 1 and saved[0].startswith("checkpoint-")
+
+
+# --- 6. settings that train nothing -----------------------------------------------------------
+
+@pytest.mark.parametrize("alpha", [0, -16])
+def test_add_lora_refuses_an_alpha_that_trains_nothing(alpha):
+    with pytest.raises(ValueError, match=_all("alpha", "> 0", "2 \\* r")):
+        add_lora(tiny_model("gpt2")[0], r=4, alpha=alpha)
+
+
+def test_train_refuses_a_peft_adapter_with_alpha_zero(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = tiny_model("gpt2")
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=0, target_modules=["c_attn"],
+                                             fan_in_fan_out=True))
+    with _unchanged(tmp_path), _refused_before_training(model, ValueError,
+                                                        _all("lora_alpha=0", "alpha > 0")):
+        train(model, tok, ROWS, _small(tmp_path))
+
+
+def test_cli_lora_alpha_zero(tmp_path, prefs, capsys):
+    with _unchanged(tmp_path):
+        err = _cli(["train", *CLI_SMALL, "--data", prefs, "--output-dir", str(tmp_path / "o"),
+                    "--lora-alpha", "0"], capsys)
+    assert re.search(_all("alpha", "> 0"), err)
+
+
+def test_trainable_base_weights_beside_the_adapter(tmp_path):
+    model, tok = _lora()
+    next(p for n, p in model.named_parameters() if "wte" in n).requires_grad_(True)
+    with _unchanged(tmp_path), _refused_before_training(
+            model, ValueError, _all("base weights require grad", "wte", "adapter disabled",
+                                    "modules_to_save")):
+        train(model, tok, ROWS, _small(tmp_path))
+
+
+def test_token_ids_beyond_the_embedding(tmp_path):
+    config = GPT2Config(vocab_size=300, n_positions=128, n_embd=32, n_layer=1, n_head=2)
+    model = add_lora(GPT2LMHeadModel(config), r=2)
+    with _unchanged(tmp_path), _refused_before_training(
+            model, ValueError, _all("token id", "300 rows", "resize_token_embeddings")):
+        train(model, course_tokenizer(), ROWS, _small(tmp_path))
+
+
+def test_a_model_on_the_meta_device(tmp_path):
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(tiny_model("gpt2")[0].config)
+    with _unchanged(tmp_path), pytest.raises(ValueError, match=_all("meta device", "load")):
+        train(add_lora(model, r=2), course_tokenizer(), ROWS, _small(tmp_path))
+    with pytest.raises(ValueError, match="meta device"):
+        evaluate(model, course_tokenizer(), ROWS, _config())
