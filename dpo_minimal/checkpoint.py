@@ -253,16 +253,18 @@ class StopRequests:
     """SIGINT (Ctrl-C) and SIGTERM (Slurm, Kubernetes, `timeout`) during training.
 
     The first signal asks the run to stop after the current step: every process then agrees on
-    that step, the checkpoint is saved, and the run raises KeyboardInterrupt. A second signal
-    stops at once (KeyboardInterrupt), except inside `deferred()` (the optimiser update and its
-    bookkeeping, a save), which finishes first so that no state is half written. Handlers are
-    installed only in the main thread, and the previous ones are restored on exit.
+    that step, the checkpoint is saved, and the run raises KeyboardInterrupt. In a run of one
+    process a second signal stops at once (KeyboardInterrupt), except inside `deferred()` (the
+    optimiser update and its bookkeeping, a save), which finishes first so that no state is
+    half written. With several processes (`alone=False`) every signal waits for the step's end,
+    where all of them agree: one stopping alone would leave the others waiting for it.
+    Handlers are installed only in the main thread, and the previous ones restored on exit.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, announce: bool = True):
-        self.requested, self.signum, self.announce = False, None, announce
+    def __init__(self, announce: bool = True, alone: bool = True):
+        self.requested, self.signum, self.announce, self.alone = False, None, announce, alone
         self._depth, self._pending, self._previous = 0, False, {}
 
     def __enter__(self) -> "StopRequests":
@@ -280,9 +282,12 @@ class StopRequests:
         if not self.requested:
             self.requested, self.signum = True, signum
             if self.announce:
+                again = " (send it again to stop at once)" if self.alone else ""
                 print(f"dpo-minimal: {signal.Signals(signum).name} received: stopping after this "
-                      "step, with a checkpoint if output_dir is set (send it again to stop at "
-                      "once).", file=sys.stderr, flush=True)
+                      f"step, with a checkpoint if output_dir is set{again}.", file=sys.stderr,
+                      flush=True)
+        elif not self.alone:
+            return
         elif self._depth:
             self._pending = True
         else:

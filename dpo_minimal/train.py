@@ -802,7 +802,7 @@ class _Run:
                                        config.warmup_steps, config.max_steps)
         self.scaler = torch.amp.GradScaler("cuda", enabled=config.dtype == "float16")
         self.history, self.start, self.done = History(), 0, 0
-        self.stops = StopRequests(announce=self.world.rank == 0)
+        self.stops = StopRequests(announce=self.world.rank == 0, alone=self.world.size == 1)
         if checkpoint is None:
             self.reference, self.eval_reference = self._references()
         else:
@@ -1127,6 +1127,8 @@ def _train(run: _Run) -> History:
                 history[-1].update(run.evaluate())  # it was interrupted: as if it never was
             for step in bar:
                 run.step(step)
+                if run.world.any(run.stops.requested):  # every process stops after this step
+                    raise KeyboardInterrupt
                 if run.evaluation_due(step):
                     history[-1].update(run.evaluate())
                 bar.set_postfix(_shown(history[-1]))
@@ -1135,7 +1137,7 @@ def _train(run: _Run) -> History:
                 if config.save_steps and (run.done % config.save_steps == 0
                                           or run.done == config.max_steps):
                     run.save(run.done)
-                if run.world.any(run.stops.requested):  # every process stops after this step
+                if run.world.any(run.stops.requested):  # a signal in the evaluation or save
                     raise KeyboardInterrupt
     except (KeyboardInterrupt, NonFiniteLossError) as err:
         # Keep what was done: the state after the last update, with the data position and RNG

@@ -130,3 +130,82 @@ def test_fsdp_full_fine_tuning_on_two_processes_equals_one(data, tmp_path):
 
     a, b = (load_file(tmp_path / run / "model" / "model.safetensors") for run in ("one", "two"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+# A stop signal on one process of two, at several points of a step: both processes agree on the
+# step to stop after, the checkpoint written is consistent (its optimiser and schedule at its
+# step), and the run resumes to what the uninterrupted run trained.
+INTERRUPT = '''
+import os, signal, sys
+import torch
+from dpo_minimal.cli import main
+from dpo_minimal.train import _Run
+
+where, rank, times = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+calls = []
+
+
+def send():
+    calls.append(1)
+    if len(calls) == 3 and int(os.environ["RANK"]) == rank:  # in the third step (or save 2)
+        for _ in range(times):
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def wrap(owner, name):
+    real = getattr(owner, name)
+
+    def wrapped(self, *args, **kwargs):
+        if where.endswith("before"):
+            send()
+        out = real(self, *args, **kwargs)
+        if not where.endswith("before"):  # after it (the scaler's: inside _Run.update)
+            send()
+        return out
+
+    setattr(owner, name, wrapped)
+
+
+wrap(*{"update-before": (_Run, "update"), "update-after": (_Run, "update"),
+       "during-update": (torch.amp.GradScaler, "update"), "save-before": (_Run, "save")}[where])
+sys.exit(main(sys.argv[4:]))
+'''
+
+
+def _launch_script(script: Path, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+               "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+               str(script), *args]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.parametrize("where, rank, times", [
+    ("update-before", 1, 1), ("during-update", 0, 2), ("update-after", 1, 2),
+    ("save-before", 1, 1)], ids=["before the update", "twice during the update (rank 0)",
+                                 "twice after the update (rank 1)", "during a save"])
+def test_an_interrupt_on_one_of_two_processes(data, two_processes, tmp_path, where, rank,
+                                              times):
+    script = tmp_path / "interrupt.py"
+    script.write_text(INTERRUPT)
+    out = tmp_path / "cut"
+    args = ["train", *COMMON, "--data", data[0], "--eval-data", data[1], "--batch-size", "2",
+            "--save-steps", "2", "--output-dir", str(out)]
+    done = _launch_script(script, where, str(rank), str(times), *args)
+    # Both processes exit 130 (SIGINT) with a message, without a traceback of their own (the
+    # launcher reports its children's exit status with one of its own).
+    assert done.returncode != 0 and "exitcode  : 130" in done.stderr, done.stderr[-3000:]
+    assert "stopped after" in done.stderr and "dpo_minimal/" not in done.stderr
+    newest = max(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    steps = int(newest.name.split("-")[1])
+    state = torch.load(newest / "state.pt", weights_only=True)
+    assert state["steps_done"] == steps == state["scheduler"]["last_epoch"]
+    assert {s["step"].item() for s in state["optimizer"]["state"].values()} == {steps}
+    assert len(json.loads((newest / "history.json").read_text())) == steps
+    assert not list(out.glob("*.tmp"))
+    if where == "during-update":  # and the run resumes to what the uninterrupted one trained
+        _launch(*args, "--resume")
+        assert _history(out) == _history(two_processes[0])
