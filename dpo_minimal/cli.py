@@ -199,20 +199,30 @@ def main(argv: list[str] | None = None) -> int:
 # -- train ---------------------------------------------------------------------------------
 
 def _read_config_file(path: Path, parser) -> dict:
-    """The options in a YAML or JSON file, keys normalised to the flags' names (dashes ok)."""
+    """The options in a YAML or JSON file (UTF-8), keys normalised to the flags' names (dashes
+    ok). A string where a float is due (YAML 1.1 reads 1e-4 as one) is converted."""
+    if path.is_dir():
+        parser.error(f"--config {path} is a directory; pass the YAML or JSON file of options "
+                     "inside it (e.g. options.yaml).")
     if not path.is_file():
         parser.error(f"--config {path}: no such file.")
-    text = path.read_text()
+    data = path.read_bytes()
     try:
-        if path.suffix in (".yaml", ".yml"):
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        parser.error(f"--config {path}: line {line}: byte 0x{data[err.start]:02x} is not UTF-8; "
+                     "save the file as UTF-8.")
+    yaml_file = path.suffix.lower() in (".yaml", ".yml")
+    try:
+        if yaml_file:
             import yaml
 
             values = yaml.safe_load(text)
         else:
             values = json.loads(text)
     except Exception as err:  # yaml and json raise their own error types
-        parser.error(f"--config {path} is not valid {'YAML' if path.suffix != '.json' else 'JSON'}"
-                     f": {err}")
+        parser.error(f"--config {path} is not valid {'YAML' if yaml_file else 'JSON'}: {err}")
     if values is None:
         return {}
     if not isinstance(values, dict):
@@ -226,8 +236,15 @@ def _read_config_file(path: Path, parser) -> dict:
                      f"the flags of `dpo-minimal train --help` ({', '.join(sorted(known))}).")
     if isinstance(values.get("lora_targets"), list):  # a YAML list of module names
         values["lora_targets"] = ",".join(map(str, values["lora_targets"]))
-    for name, (_, kind, _) in TRAIN_OPTIONS.items():
+    kinds = {name: kind for name, (_, kind, _) in TRAIN_OPTIONS.items()}
+    kinds.update((f.name, _value_type(f.type)[0]) for f in fields(TrainConfig))
+    for name, kind in kinds.items():
         value = values.get(name)
+        if kind is float and isinstance(value, str):
+            try:  # YAML 1.1 has no exponent without a dot: it reads 1e-4 as a string
+                value = values[name] = float(value)
+            except ValueError:
+                pass
         if value is not None and not (kind is bool if isinstance(value, bool) else (
                 isinstance(value, kind) or (kind is float and isinstance(value, int)))):
             parser.error(f"--config {path}: {name} must be {kind.__name__}, got {value!r}.")

@@ -5,6 +5,7 @@ import re
 import warnings
 from pathlib import Path
 
+import pyarrow
 import torch
 from datasets import Dataset
 
@@ -63,6 +64,9 @@ def _read_rows(source, split: str) -> list[tuple[str, object]]:
     path = Path(source).expanduser()
     if path.is_file():
         return _read_file(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{source} is a directory, not a data file; "
+                                f"{_files_inside(path)}")
     if path.exists() or isinstance(source, Path) or _looks_local(str(source)):
         raise FileNotFoundError(f"{source}: no such file (it looks like a local path, so it was "
                                 "not looked up on the Hub); check the name and the folder.")
@@ -72,53 +76,126 @@ def _read_rows(source, split: str) -> list[tuple[str, object]]:
     return [(f"{source} row {i}", row) for i, row in enumerate(rows)]
 
 
-def _read_file(path: Path) -> list[tuple[str, object]]:
-    """A .jsonl or .json file read by `datasets.load_dataset("json")`, each row with its line.
+def _files_inside(folder: Path) -> str:
+    """The fix for a folder given as data: pass a file inside it, named when there is one."""
+    inside = sorted(p for p in folder.iterdir()
+                    if p.is_file() and p.suffix.lower() in (".jsonl", ".json"))
+    if not inside:
+        return "pass the .jsonl (or .json) file of preference rows instead."
+    return f"pass the .jsonl (or .json) file inside it, e.g. {', '.join(map(str, inside[:3]))}."
 
-    When Arrow cannot read the file (a broken line, a column whose type changes between rows),
-    it is read line by line instead, so that the error, or the row check that follows, names
-    the file and the line.
+
+class _DuplicateKeyError(ValueError):
+    """A JSON object that gives one key twice: json alone would silently keep the last value."""
+
+
+def _unique_keys(pairs: list) -> dict:
+    """json's object_pairs_hook: a JSON object (a row, or a message inside one) as a dict,
+    refusing a key given twice."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKeyError(key)
+        out[key] = value
+    return out
+
+
+def _duplicate_key(path: Path, where: str, key: str) -> ValueError:
+    return ValueError(f"{path.name}: {where}: the key {key!r} appears twice in one JSON object, "
+                      "so one of its values would be silently lost; delete or rename one.")
+
+
+def _decode(path: Path, data: bytes) -> str:
+    """The file's text as UTF-8 (a leading byte-order mark, as some Windows editors write, is
+    dropped); bytes that are not UTF-8 raise, naming the line, the column and the byte."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - data.rfind(b"\n", 0, err.start)
+        raise ValueError(f"{path.name}: line {line}, column {column}: byte "
+                         f"0x{data[err.start]:02x} is not UTF-8 (the file is in another "
+                         "encoding, e.g. Latin-1 or Windows-1252); save the file as UTF-8 (an "
+                         "editor's 'save with encoding', or iconv -f latin1 -t utf-8).") from None
+
+
+def _json_rows_start(text: str) -> list[tuple[int, int]]:
+    """(index, line) where each element of a .json list starts; it stops at the first element
+    that does not parse. Used only to name the row of a duplicate key."""
+    blank, starts = re.compile(r"[ \t\n\r]*"), []
+    i = blank.match(text).end()
+    if not text.startswith("[", i):
+        return starts
+    i = blank.match(text, i + 1).end()
+    decoder = json.JSONDecoder()
+    while i < len(text) and text[i] != "]":
+        starts.append((i, text.count("\n", 0, i) + 1))
+        try:
+            _, i = decoder.raw_decode(text, i)
+        except ValueError:
+            break
+        i = blank.match(text, i).end()
+        if text.startswith(",", i):
+            i = blank.match(text, i + 1).end()
+    return starts
+
+
+def _read_json(path: Path, text: str) -> list[tuple[str, object]]:
+    """A .json file: one list of rows, each named by its index."""
+    try:
+        rows = json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKeyError as err:
+        decoder = json.JSONDecoder(object_pairs_hook=_unique_keys)
+        for row, (start, line) in enumerate(_json_rows_start(text)):
+            try:
+                decoder.raw_decode(text, start)
+            except _DuplicateKeyError:
+                raise _duplicate_key(path, f"row {row} (from line {line})", err.args[0]) from None
+            except ValueError:
+                break
+        raise _duplicate_key(path, "a row", err.args[0]) from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column "
+                         f"{err.colno}); fix the file.") from None
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: expected a JSON list of rows, got "
+                         f"{type(rows).__name__}; use a list, or one row per line in .jsonl.")
+    return [(f"{path.name}: row {i}", row) for i, row in enumerate(rows)]
+
+
+def _read_file(path: Path) -> list[tuple[str, object]]:
+    """A .jsonl (one JSON object per line) or .json (a list of objects) file, each row with
+    where it is ("prefs.jsonl: line 3", "prefs.json: row 2"); the suffix in any case (.JSONL).
+
+    Read with Python's json, so that every refusal names the file and the line: a line that is
+    not JSON, bytes that are not UTF-8, a key given twice in one object (json alone would keep
+    one value silently). As when Arrow read these files, a .jsonl row's null values are
+    dropped (a null column is a missing one).
     """
-    if path.suffix not in (".jsonl", ".json"):
+    suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".json"):
         raise ValueError(f"{path}: use a .jsonl (one JSON object per line) or .json (a list of "
                          "objects) file.")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
+    text = _decode(path, path.read_bytes()).replace("\r\n", "\n").replace("\r", "\n")
+    if suffix == ".json":
+        return _read_json(path, text)
+    out = []
+    # Only "\n" ends a line: str.splitlines would also cut at U+2028 and the like, which JSON
+    # allows unescaped inside a string.
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
         try:
-            rows = json.loads(text)
+            row = json.loads(line, object_pairs_hook=_unique_keys)
+        except _DuplicateKeyError as err:
+            raise _duplicate_key(path, f"line {n}", err.args[0]) from None
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column "
-                             f"{err.colno}); fix the file.") from None
-        if not isinstance(rows, list):
-            raise ValueError(f"{path}: expected a JSON list of rows, got "
-                             f"{type(rows).__name__}; use a list, or one row per line in .jsonl.")
-        return [(f"{path.name}: row {i}", row) for i, row in enumerate(rows)]
-    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
-    try:
-        from datasets import load_dataset
-        from datasets.utils import logging as datasets_logging
-
-        # Its progress bar would show only on the first read (later ones hit the cache): keep
-        # it off so that what a notebook prints does not depend on the cache.
-        bars = datasets_logging.is_progress_bar_enabled()
-        datasets_logging.disable_progress_bar()
-        try:
-            dataset = load_dataset("json", data_files=str(path), split="train")
-        finally:
-            if bars:
-                datasets_logging.enable_progress_bar()
-        rows = [{k: v for k, v in row.items() if v is not None} for row in dataset.to_list()]
-        if len(rows) != len(lines):
-            raise ValueError("row count differs from line count")
-    except Exception:  # noqa: BLE001 - any failure: the line-by-line reader names the line
-        rows = []
-        for n, line in lines:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path.name}: line {n}: not valid JSON ({err.msg}); each "
-                                 "line must be one JSON object. Fix or delete the line.") from None
-    return [(f"{path.name}: line {n}", row) for (n, _), row in zip(lines, rows)]
+            raise ValueError(f"{path.name}: line {n}: not valid JSON ({err.msg}); each "
+                             "line must be one JSON object. Fix or delete the line.") from None
+        if isinstance(row, dict):
+            row = {key: value for key, value in row.items() if value is not None}
+        out.append((f"{path.name}: line {n}", row))
+    return out
 
 
 ROLES = ("system", "user", "assistant")
@@ -318,9 +395,12 @@ def load_preferences(source, split: str = "train", prompt_template: str | None =
     column: the shared start of chosen and rejected is the prompt), and the unpaired
     preference format: {"prompt", "completion", "label": true (desirable) or false}, standard
     or conversational (the completion a list of assistant messages). A data set is all pairs or
-    all unpaired rows; a mix raises. Other columns (e.g. "system") are kept. Bad rows raise
-    ValueError naming the row (file and line for a file), the column and the fix; a missing
-    file raises FileNotFoundError.
+    all unpaired rows; a mix raises. Other columns (e.g. "system") are kept; one whose type
+    changes between rows (a number on one, a string on another) raises. Bad rows raise
+    ValueError naming the row (file and line for a file), the column and the fix. Files are read
+    with Python's json (`_read_file`): a line that is not JSON, a key given twice in one object
+    or bytes that are not UTF-8 raise ValueError naming the file and the line; a missing file
+    raises FileNotFoundError and a folder IsADirectoryError.
     """
     rows = _read_rows(source, split)
     if not rows:
@@ -339,7 +419,54 @@ def load_preferences(source, split: str = "train", prompt_template: str | None =
                 raise ValueError(f"prompt_template {prompt_template!r} uses the field {err}, "
                                  "which rows do not have: use {prompt} (and {system}).") from None
         out.append({**pair, **extra})
-    return Dataset.from_list(out)
+    _check_column_types(rows, out)
+    try:
+        return Dataset.from_list(out)
+    except (pyarrow.ArrowInvalid, pyarrow.ArrowTypeError) as err:  # e.g. nested types that differ
+        bad = [c for c in out[0] if not _arrow_stores([row.get(c) for row in out])]
+        raise ValueError(f"column {', '.join(map(repr, bad)) or '?'} holds values of different "
+                         f"types on different rows, which a Dataset cannot store ({err}); give it "
+                         "one type on every row, or drop the column.") from None
+
+
+def _arrow_stores(values: list) -> bool:
+    try:
+        pyarrow.array(values)
+    except (pyarrow.ArrowInvalid, pyarrow.ArrowTypeError):
+        return False
+    return True
+
+
+def _kind(value) -> str | None:
+    """The JSON kind of a value, as Arrow must store a column: ints and floats are both
+    numbers (Arrow widens them), None fits any column."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {str: "string", list: "list", dict: "object"}.get(type(value), type(value).__name__)
+
+
+def _check_column_types(rows: list, out: list) -> None:
+    """Each kept column holds one kind of value: Arrow cannot store a column that is a number
+    on one row and a string on another, and its own error names neither. `out` are the rows to
+    store, in the order of `rows` (whose `where` names them)."""
+    first: dict[str, tuple[str, str]] = {}  # column: (kind, where) of its first value
+    for (where, _), row in zip(rows, out):
+        for column, value in row.items():
+            kind = _kind(value)
+            if kind is None:
+                continue
+            if column not in first:
+                first[column] = (kind, where)
+            elif first[column][0] != kind:
+                was, there = first[column]
+                raise ValueError(f"column {column!r} changes type between rows: {there} has "
+                                 f"a value of type {was}, {where} one of type {kind} "
+                                 f"({value!r}); give the column one type on every row (ints and "
+                                 "floats may mix), or rename it on one of them.")
 
 
 def check_pad_token(tokenizer) -> None:
@@ -393,7 +520,9 @@ def tokenize_preferences(data, tokenizer, max_length: int, max_prompt_length: in
     Every text goes to the tokenizer in one batched call (a fast tokenizer then encodes them
     together); the ids are the same as pair by pair. A pair whose prompt alone fills
     `max_length` raises, naming its row; with `drop_overlong=True` such pairs are dropped instead
-    and counted in a warning. A data set left empty raises.
+    and counted in a warning. A pair whose chosen and rejected ids are identical after the cut
+    (they differ only past max_length) is dropped, counted in a warning. A data set left empty
+    raises.
     """
     check_pad_token(tokenizer)
     rows = list(data)
@@ -402,27 +531,42 @@ def tokenize_preferences(data, tokenizer, max_length: int, max_prompt_length: in
     columns = ("prompt", *responses)
     texts = [row[column] for row in rows for column in columns]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-    out, dropped, k = [], [], len(columns)
+    out, dropped, same, k = [], [], [], len(columns)
     for i in range(len(rows)):
         prompt_ids, *response_ids = ids[k * i: k * i + k]
         try:
-            out.append(_truncate(prompt_ids, dict(zip(responses, response_ids)), tokenizer,
-                                 max_length, max_prompt_length))
-            if unpaired:
-                out[-1]["label"] = rows[i]["label"]
+            example = _truncate(prompt_ids, dict(zip(responses, response_ids)), tokenizer,
+                                max_length, max_prompt_length)
         except OverlongPromptError as err:
             if not drop_overlong:
                 raise OverlongPromptError(f"row {i}: {err}") from None
             dropped.append(i)
+            continue
         except ValueError as err:
             raise ValueError(f"row {i}: {err}") from None
+        if unpaired:
+            example["label"] = rows[i]["label"]
+        elif example["chosen_ids"] == example["rejected_ids"]:
+            # The responses differ only past the cut: the pair would train on no preference
+            # (its log-ratio margin is exactly 0), so it is dropped, not trained.
+            same.append(i)
+            continue
+        out.append(example)
     if dropped:
         warnings.warn(f"dropped {len(dropped)} of {len(data)} pairs whose prompt fills "
                       f"max_length={max_length} (rows {dropped[:10]}); raise max_length or set "
                       "max_prompt_length to keep them.", stacklevel=2)
+    if same:
+        warnings.warn(f"dropped {len(same)} of {len(data)} pairs whose chosen and rejected are "
+                      f"identical once cut to max_length={max_length} (rows {same[:10]}): they "
+                      "differ only after the cut, so they carry no preference; raise max_length "
+                      "(or lower max_prompt_length, which leaves the responses more room) to keep "
+                      "them.", stacklevel=2)
     if not out:
         raise ValueError(f"no pairs left after tokenising {len(data)} rows with max_length="
-                         f"{max_length}, max_prompt_length={max_prompt_length}; raise the limits.")
+                         f"{max_length}, max_prompt_length={max_prompt_length} (a pair is dropped "
+                         "when its prompt fills max_length, or when its chosen and rejected are "
+                         "identical once cut); raise the limits.")
     return out
 
 
