@@ -339,8 +339,12 @@ def _train_command(args, parser) -> int:
     rank, _, world = _rank()
     say = print if rank == 0 else (lambda *a, **k: None)
     try:
+        # The rows are checked before the model loads (a bad file is found in seconds), then
+        # rendered with the model's own chat template.
+        load_preferences(options["data"], split=options["split"])
+        if options["eval_data"] is not None:
+            load_preferences(options["eval_data"], split=options["eval_split"])
         model, tokenizer = _load_model(options, config)
-        # Conversational rows are rendered with the model's own chat template.
         data = load_preferences(options["data"], split=options["split"], tokenizer=tokenizer)
         eval_data = (None if options["eval_data"] is None else
                      load_preferences(options["eval_data"], split=options["eval_split"],
@@ -447,6 +451,9 @@ def _eval_command(args, parser) -> int:
     names = {f.name for f in fields(TrainConfig)}
     try:
         config = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+        if args.output is not None:
+            _check_output_file(args.output)
+        load_preferences(args.data, split=args.split)  # a bad file is found before the model
         model, tokenizer = tiny_model(args.tiny) if args.tiny else load_model(args.model)
         if args.adapter is not None:
             model = load_adapter(model, args.adapter)
@@ -460,6 +467,20 @@ def _eval_command(args, parser) -> int:
     if args.output is not None:
         args.output.write_text(text)
     return 0
+
+
+def _check_output_file(path: Path) -> None:
+    """A file `eval --output` can write, checked before any work."""
+    if path.is_dir():
+        raise ValueError(f"--output {path} is a directory: give a file name, e.g. "
+                         f"{path / 'metrics.json'}.")
+    folder = path.expanduser().absolute().parent
+    if not folder.is_dir():
+        raise ValueError(f"--output {path}: the folder {folder} does not exist; create it or "
+                         "choose another file.")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"--output {path}: the folder {folder} cannot be written; choose "
+                         "another file.")
 
 
 # -- plan ----------------------------------------------------------------------------------

@@ -684,13 +684,24 @@ def train(model, tokenizer, train_data, config: TrainConfig, eval_data=None,
       eval_data, eval/* metrics every `eval_every` steps and at the end.
       Train metrics of step s come from the forward before its update, eval/* from after it;
       call evaluate() before training for the reference's values.
+    - Output folder: checked before any work (see `checkpoint.check_output_dir`); one holding
+      another run is refused unless `resume_from` or `config.overwrite_output_dir` (which
+      deletes that run's checkpoints once every check has passed).
     - Checkpoints: with `output_dir` and `save_steps`, `output_dir/checkpoint-{n}/` after every
-      `save_steps` steps and at the end (n = steps done). A KeyboardInterrupt or a
-      NonFiniteLossError saves the last completed step (with `output_dir` set) and propagates
-      with `.history` (and `.checkpoint`) attached. `resume_from` (a checkpoint folder, or True
-      for the newest in `output_dir`) continues a run: on CPU its History equals the
-      uninterrupted run's bit for bit, timing fields aside.
-    - A non-finite loss stops training with NonFiniteLossError naming the step and dtype.
+      `save_steps` steps and at the end (n = steps done); `save_total_limit` prunes only this
+      run's. A KeyboardInterrupt or a NonFiniteLossError saves the last completed step (with
+      `output_dir` set) and propagates with `.history` and `.checkpoint` attached; weights or
+      optimiser state that are not finite are never written. `resume_from` (a checkpoint folder,
+      or True for the newest complete one in `output_dir`) continues a run: on CPU its History
+      equals the uninterrupted run's bit for bit, timing fields aside. The checkpoint must be
+      this run's: the same config (a larger max_steps continues it), tokenised data, base model
+      (config and weights checksum), LoRA settings, load dtype and number of processes, else
+      CheckpointError names what differs; a damaged file is named with the previous checkpoint.
+    - Signals: SIGINT (Ctrl-C) and SIGTERM (a scheduler) stop the run after the current step,
+      the same step on every process, with a checkpoint; `.signum` on the KeyboardInterrupt
+      says which. Alone, a second signal stops at once (after an update or save in progress).
+    - A non-finite loss, or gradient norm (outside float16's scaler), stops training before the
+      update with NonFiniteLossError naming the step, the dtype and the likely cause.
     - KTO (loss_type="kto") trains on pairs (z0 from the batch's own completions: cheaper,
       biased) or on unpaired rows (prompt, completion, label) with the paper's z0: the mean
       log-ratio, clamped at 0, of each prompt with the previous example's completion
@@ -705,6 +716,7 @@ def train(model, tokenizer, train_data, config: TrainConfig, eval_data=None,
       progress and writes checkpoints; the History equals a one-process run's with the same
       global batch and seed up to float rounding. Evaluation runs whole on every process.
     """
+    resume_from = None if resume_from is False else resume_from
     run = _Run(model, tokenizer, train_data, config, eval_data, resume_from)
     with _fast_activations(config, model):
         return _train(run)

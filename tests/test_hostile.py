@@ -1336,3 +1336,20 @@ def test_cli_yaml_float_without_a_dot_trains(file_prefs, tmp_path, capsys):
     run = json.loads((out / "run.json").read_text())
     assert (run["learning_rate"], run["max_grad_norm"]) == (1e-4, 2.0)
     assert len(json.loads((out / "history.json").read_text())) == 1
+
+
+def test_cli_bad_data_is_found_before_the_model_loads(tmp_path, capsys):
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "q", "chosen": "a"}\n')
+    with _unchanged(tmp_path):  # the model folder does not exist: the data error comes first
+        err = _cli(["train", "--model", str(tmp_path / "no-model"), "--data",
+                    str(tmp_path / "bad.jsonl"), "--output-dir", str(tmp_path / "o")], capsys)
+    assert re.search(_all("bad.jsonl", "line 1", "rejected"), err)
+
+
+@pytest.mark.parametrize("where", ["folder", "missing folder"])
+def test_cli_eval_output_that_cannot_be_written(tmp_path, prefs, capsys, where):
+    target = tmp_path if where == "folder" else tmp_path / "nowhere" / "m.json"
+    with _unchanged(tmp_path):
+        err = _cli(["eval", "--tiny", "gpt2", "--adapter", str(tmp_path / "a"), "--data", prefs,
+                    "--output", str(target)], capsys)
+    assert re.search(_all("--output", "is a directory|does not exist"), err)
