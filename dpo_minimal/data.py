@@ -2,14 +2,21 @@
 
 import json
 import re
-import warnings
 from pathlib import Path
 
 import pyarrow
-import torch
 from datasets import Dataset
 
+from .batching import (  # noqa: F401 - importable from here, as before
+    OverlongPromptError,
+    check_pad_token,
+    collate_pairs,
+    collate_unpaired,
+    tokenize_preferences,
+)
+
 DATA_DIR = Path(__file__).parent / "data"
+
 SHIPPED = {
     "train": DATA_DIR / "truthy_mini_train.jsonl",
     "test": DATA_DIR / "truthy_mini_test.jsonl",
@@ -20,12 +27,11 @@ SHIPPED = {
     "task_heldout": DATA_DIR / "task_heldout.jsonl",
     "task_sft": DATA_DIR / "task_sft.jsonl",
 }
+
 COLUMNS = ("prompt", "chosen", "rejected")
+
 UNPAIRED_COLUMNS = ("prompt", "completion", "label")  # TRL's unpaired preference format (KTO)
 
-
-class OverlongPromptError(ValueError):
-    """A prompt alone fills max_length, so its pair has no response tokens left to train."""
 
 
 def shipped_data_path(split: str = "train") -> Path:
@@ -40,15 +46,18 @@ def shipped_data_path(split: str = "train") -> Path:
     return SHIPPED[split]
 
 
+
 # A string with one of these file suffixes, or that starts like a path, is a local file: it is
 # never sent to the Hub, where a typo (data/train.josnl) would come back as a network error.
 _PATH_START = ("/", "./", "../", "~", ".\\")
+
 
 
 def _looks_local(source: str) -> bool:
     suffix = Path(source).suffix
     return (source.startswith(_PATH_START) or source.count("/") > 1 or "\\" in source
             or bool(re.fullmatch(r"\.[A-Za-z]{2,8}", suffix)))
+
 
 
 def _read_rows(source, split: str) -> list[tuple[str, object]]:
@@ -76,6 +85,7 @@ def _read_rows(source, split: str) -> list[tuple[str, object]]:
     return [(f"{source} row {i}", row) for i, row in enumerate(rows)]
 
 
+
 def _files_inside(folder: Path) -> str:
     """The fix for a folder given as data: pass a file inside it, named when there is one."""
     inside = sorted(p for p in folder.iterdir()
@@ -85,8 +95,10 @@ def _files_inside(folder: Path) -> str:
     return f"pass the .jsonl (or .json) file inside it, e.g. {', '.join(map(str, inside[:3]))}."
 
 
+
 class _DuplicateKeyError(ValueError):
     """A JSON object that gives one key twice: json alone would silently keep the last value."""
+
 
 
 def _unique_keys(pairs: list) -> dict:
@@ -100,9 +112,11 @@ def _unique_keys(pairs: list) -> dict:
     return out
 
 
+
 def _duplicate_key(path: Path, where: str, key: str) -> ValueError:
     return ValueError(f"{path.name}: {where}: the key {key!r} appears twice in one JSON object, "
                       "so one of its values would be silently lost; delete or rename one.")
+
 
 
 def _decode(path: Path, data: bytes) -> str:
@@ -117,6 +131,7 @@ def _decode(path: Path, data: bytes) -> str:
                          f"0x{data[err.start]:02x} is not UTF-8 (the file is in another "
                          "encoding, e.g. Latin-1 or Windows-1252); save the file as UTF-8 (an "
                          "editor's 'save with encoding', or iconv -f latin1 -t utf-8).") from None
+
 
 
 def _json_rows_start(text: str) -> list[tuple[int, int]]:
@@ -140,6 +155,7 @@ def _json_rows_start(text: str) -> list[tuple[int, int]]:
     return starts
 
 
+
 def _read_json(path: Path, text: str) -> list[tuple[str, object]]:
     """A .json file: one list of rows, each named by its index."""
     try:
@@ -161,6 +177,7 @@ def _read_json(path: Path, text: str) -> list[tuple[str, object]]:
         raise ValueError(f"{path}: expected a JSON list of rows, got "
                          f"{type(rows).__name__}; use a list, or one row per line in .jsonl.")
     return [(f"{path.name}: row {i}", row) for i, row in enumerate(rows)]
+
 
 
 def _read_file(path: Path) -> list[tuple[str, object]]:
@@ -198,7 +215,9 @@ def _read_file(path: Path) -> list[tuple[str, object]]:
     return out
 
 
+
 ROLES = ("system", "user", "assistant")
+
 
 
 def _check_message_fields(messages: list, where: str) -> None:
@@ -216,6 +235,7 @@ def _check_message_fields(messages: list, where: str) -> None:
                              f"{type(content).__name__} ({content!r}); fix or drop the row.")
         if not content.strip():
             raise ValueError(f"{where}, message {k}: the content is empty; fix or drop the row.")
+
 
 
 def _check_turns(messages: list, where: str, reply: bool) -> None:
@@ -237,9 +257,11 @@ def _check_turns(messages: list, where: str, reply: bool) -> None:
                          f"end with a user turn (the reply answers it), got roles {roles}.")
 
 
+
 def _render(messages: list, tokenizer, generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False,
                                          add_generation_prompt=generation_prompt)
+
 
 
 def _conversation(prompt: list, replies: dict, where: str, tokenizer) -> dict:
@@ -255,6 +277,7 @@ def _conversation(prompt: list, replies: dict, where: str, tokenizer) -> dict:
                              "template that does (most do).")
         out[column] = full[len(out["prompt"]):]
     return out
+
 
 
 def _split_implicit(chosen, rejected, where: str):
@@ -278,11 +301,13 @@ def _split_implicit(chosen, rejected, where: str):
                      "messages (conversational format).")
 
 
+
 def _common_prefix(a, b):
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
     return n
+
 
 
 def _is_unpaired(row: dict) -> bool:
@@ -291,11 +316,13 @@ def _is_unpaired(row: dict) -> bool:
     return row.get("completion") is not None or row.get("label") is not None
 
 
+
 # The columns each format needs, and what to tell a row that lacks one.
 _NEEDS = {False: (("chosen", "rejected"), "every row needs 'chosen' and 'rejected' (and "
                   "'prompt', unless it is implicit in both)"),
           True: (("prompt", "completion", "label"), "an unpaired row needs 'prompt', "
                  "'completion' and 'label' (true for a desirable completion, false otherwise)")}
+
 
 
 def _normalise(row, where: str, tokenizer=None) -> dict:
@@ -361,6 +388,7 @@ def _normalise(row, where: str, tokenizer=None) -> dict:
     return out
 
 
+
 def _check_one_format(rows: list) -> None:
     """All rows paired, or all unpaired: a data set that mixes them is refused, naming a row
     of each (dicts only; `_normalise` names any other row)."""
@@ -371,6 +399,7 @@ def _check_one_format(rows: list) -> None:
                          f"rejected) and {first[True]} unpaired (prompt, completion, label). Use "
                          "one: split each pair into two unpaired rows (chosen with label true, "
                          "rejected with label false), or drop the unpaired rows.")
+
 
 
 def load_preferences(source, split: str = "train", prompt_template: str | None = None,
@@ -429,12 +458,14 @@ def load_preferences(source, split: str = "train", prompt_template: str | None =
                          "one type on every row, or drop the column.") from None
 
 
+
 def _arrow_stores(values: list) -> bool:
     try:
         pyarrow.array(values)
     except (pyarrow.ArrowInvalid, pyarrow.ArrowTypeError):
         return False
     return True
+
 
 
 def _kind(value) -> str | None:
@@ -447,6 +478,7 @@ def _kind(value) -> str | None:
     if isinstance(value, (int, float)):
         return "number"
     return {str: "string", list: "list", dict: "object"}.get(type(value), type(value).__name__)
+
 
 
 def _check_column_types(rows: list, out: list) -> None:
@@ -467,148 +499,3 @@ def _check_column_types(rows: list, out: list) -> None:
                                  f"a value of type {was}, {where} one of type {kind} "
                                  f"({value!r}); give the column one type on every row (ints and "
                                  "floats may mix), or rename it on one of them.")
-
-
-def check_pad_token(tokenizer) -> None:
-    if tokenizer.pad_token_id is None:
-        raise ValueError("the tokenizer has no pad token: set tokenizer.pad_token = "
-                         "tokenizer.eos_token (load_model and tiny_model do this).")
-
-
-def tokenize_pair(example: dict, tokenizer, max_length: int,
-                  max_prompt_length: int | None = None) -> dict:
-    """Token ids of one pair, with the course's truncation rule.
-
-    1. The prompt is cut from the LEFT to its last `max_prompt_length` tokens (the question
-       usually sits at its end); None keeps it whole.
-    2. Each response, with an EOS appended, is cut from the RIGHT so that prompt + response
-       fits in `max_length`.
-    A prompt that alone fills `max_length` leaves no response to train on and raises.
-    Returns prompt_ids, chosen_ids, rejected_ids (lists of ints).
-    """
-    texts = [example["prompt"], example["chosen"], example["rejected"]]
-    prompt_ids, chosen_ids, rejected_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return _truncate(prompt_ids, {"chosen": chosen_ids, "rejected": rejected_ids}, tokenizer,
-                     max_length, max_prompt_length)
-
-
-def _truncate(prompt_ids, responses: dict, tokenizer, max_length: int,
-              max_prompt_length: int | None) -> dict:
-    """tokenize_pair's truncation rule on already encoded texts: prompt_ids and, for each
-    response {name: ids}, name_ids."""
-    if max_prompt_length is not None and max_prompt_length <= 0:
-        raise ValueError(f"max_prompt_length must be positive or None, got {max_prompt_length}.")
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no EOS token, which ends every response; set one.")
-    if max_prompt_length is not None:
-        prompt_ids = prompt_ids[-max_prompt_length:]
-    room = max_length - len(prompt_ids)
-    if room <= 0:
-        raise OverlongPromptError(
-            f"the prompt alone has {len(prompt_ids)} tokens, which fills max_length={max_length}: "
-            "raise max_length, set max_prompt_length below it, or drop such pairs "
-            "(drop_overlong=True in tokenize_preferences or TrainConfig).")
-    return {"prompt_ids": prompt_ids, **{f"{name}_ids": (ids + [tokenizer.eos_token_id])[:room]
-                                          for name, ids in responses.items()}}
-
-
-def tokenize_preferences(data, tokenizer, max_length: int, max_prompt_length: int | None = None,
-                         drop_overlong: bool = False) -> list[dict]:
-    """tokenize_pair over a data set (rows with prompt, chosen, rejected), or over unpaired
-    rows (prompt, completion, label), which give prompt_ids, completion_ids and label.
-
-    Every text goes to the tokenizer in one batched call (a fast tokenizer then encodes them
-    together); the ids are the same as pair by pair. A pair whose prompt alone fills
-    `max_length` raises, naming its row; with `drop_overlong=True` such pairs are dropped instead
-    and counted in a warning. A pair whose chosen and rejected ids are identical after the cut
-    (they differ only past max_length) is dropped, counted in a warning. A data set left empty
-    raises.
-    """
-    check_pad_token(tokenizer)
-    rows = list(data)
-    unpaired = bool(rows) and _is_unpaired(rows[0])
-    responses = ("completion",) if unpaired else ("chosen", "rejected")
-    columns = ("prompt", *responses)
-    texts = [row[column] for row in rows for column in columns]
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-    out, dropped, same, k = [], [], [], len(columns)
-    for i in range(len(rows)):
-        prompt_ids, *response_ids = ids[k * i: k * i + k]
-        try:
-            example = _truncate(prompt_ids, dict(zip(responses, response_ids)), tokenizer,
-                                max_length, max_prompt_length)
-        except OverlongPromptError as err:
-            if not drop_overlong:
-                raise OverlongPromptError(f"row {i}: {err}") from None
-            dropped.append(i)
-            continue
-        except ValueError as err:
-            raise ValueError(f"row {i}: {err}") from None
-        if unpaired:
-            example["label"] = rows[i]["label"]
-        elif example["chosen_ids"] == example["rejected_ids"]:
-            # The responses differ only past the cut: the pair would train on no preference
-            # (its log-ratio margin is exactly 0), so it is dropped, not trained.
-            same.append(i)
-            continue
-        out.append(example)
-    if dropped:
-        warnings.warn(f"dropped {len(dropped)} of {len(data)} pairs whose prompt fills "
-                      f"max_length={max_length} (rows {dropped[:10]}); raise max_length or set "
-                      "max_prompt_length to keep them.", stacklevel=2)
-    if same:
-        warnings.warn(f"dropped {len(same)} of {len(data)} pairs whose chosen and rejected are "
-                      f"identical once cut to max_length={max_length} (rows {same[:10]}): they "
-                      "differ only after the cut, so they carry no preference; raise max_length "
-                      "(or lower max_prompt_length, which leaves the responses more room) to keep "
-                      "them.", stacklevel=2)
-    if not out:
-        raise ValueError(f"no pairs left after tokenising {len(data)} rows with max_length="
-                         f"{max_length}, max_prompt_length={max_prompt_length} (a pair is dropped "
-                         "when its prompt fills max_length, or when its chosen and rejected are "
-                         "identical once cut); raise the limits.")
-    return out
-
-
-def collate_pairs(pairs: list[dict], pad_token_id: int) -> dict:
-    """Stack B tokenised pairs into one (2B, T) batch: rows 0..B-1 chosen, B..2B-1 rejected.
-
-    Right padding to the batch's own longest row. `loss_mask` is 1 on response tokens only, so
-    the prompt and the padding are never trained.
-    """
-    rows = [(p["prompt_ids"], p["chosen_ids"]) for p in pairs]
-    rows += [(p["prompt_ids"], p["rejected_ids"]) for p in pairs]
-    return _collate_rows(rows, pad_token_id)
-
-
-def collate_unpaired(examples: list[dict], pad_token_id: int,
-                     max_length: int | None = None) -> dict:
-    """Stack B tokenised unpaired examples into a (B, T) batch for KTO, with its mismatched rows.
-
-    Returns input_ids, attention_mask and loss_mask (B, T), as `collate_pairs` pads them; `label`
-    (B,) bool, True for a desirable completion; and `kl`, a batch of the same three keys whose
-    row i is prompt i followed by completion i-1 (the completions rotated by one, as in TRL:
-    x_1 gets y_B). KTO's reference point z0 is the mean policy/reference log-ratio on these
-    mismatched pairs (Ethayarajh et al. 2024). A borrowed completion is cut from the
-    right to fit `max_length` after its new prompt (None: no cut).
-    """
-    rows = [(e["prompt_ids"], e["completion_ids"]) for e in examples]
-    room = [None if max_length is None else max_length - len(e["prompt_ids"]) for e in examples]
-    mismatched = [(prompt, completion[:n]) for (prompt, _), (_, completion), n
-                  in zip(rows, rows[-1:] + rows[:-1], room)]
-    return {**_collate_rows(rows, pad_token_id), "kl": _collate_rows(mismatched, pad_token_id),
-            "label": torch.tensor([e["label"] for e in examples], dtype=torch.bool)}
-
-
-def _collate_rows(rows: list[tuple[list, list]], pad_token_id: int) -> dict:
-    """(prompt ids, response ids) rows -> right-padded input_ids, attention_mask, loss_mask."""
-    width = max(len(a) + len(b) for a, b in rows)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    loss_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, (prompt, response) in enumerate(rows):
-        n, m = len(prompt), len(response)
-        input_ids[r, : n + m] = torch.tensor(prompt + response, dtype=torch.long)
-        attention_mask[r, : n + m] = 1
-        loss_mask[r, n : n + m] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}

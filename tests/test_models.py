@@ -1,3 +1,4 @@
+
 """The architecture registry, tiny_model, the tokenizer, load_model and LoRA round trips."""
 
 import math
@@ -20,9 +21,9 @@ from dpo_minimal import (
     sequence_logps,
     shipped_data_path,
     tiny_model,
+    tokenize_preferences,
     train,
 )
-from dpo_minimal.data import tokenize_pair
 from dpo_minimal.models import (
     ARCHITECTURES,
     architecture,
@@ -36,8 +37,9 @@ EXAMPLE = {"prompt": "Where is the nearest bookstore?", "chosen": " I cannot see
            "rejected": " Two blocks north of you."}
 
 
+
 def _logps(model, tok):
-    batch = collate_pairs([tokenize_pair(EXAMPLE, tok, 64, 32)], tok.pad_token_id)
+    batch = collate_pairs(tokenize_preferences([EXAMPLE], tok, 64, 32), tok.pad_token_id)
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return sequence_logps(logits, batch["input_ids"], batch["loss_mask"])
