@@ -10,10 +10,12 @@ from torch.utils.data import BatchSampler, RandomSampler
 class OverlongPromptError(ValueError):
     """A prompt alone fills max_length, so its pair has no response tokens left to train."""
 
+
 def check_pad_token(tokenizer) -> None:
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token: set tokenizer.pad_token = "
                          "tokenizer.eos_token (load_model and tiny_model do this).")
+
 
 def tokenize_preferences(data, tokenizer, max_length: int, max_prompt_length: int | None = None,
                          drop_overlong: bool = False) -> list[dict]:
@@ -72,6 +74,7 @@ def tokenize_preferences(data, tokenizer, max_length: int, max_prompt_length: in
                          "identical once cut); raise the limits.")
     return out
 
+
 def _truncate(prompt_ids, responses: dict, tokenizer, max_length: int,
               max_prompt_length: int | None) -> dict:
     """The course's truncation rule on encoded texts: prompt_ids and, for each response
@@ -98,6 +101,7 @@ def _truncate(prompt_ids, responses: dict, tokenizer, max_length: int,
     return {"prompt_ids": prompt_ids, **{f"{name}_ids": (ids + [tokenizer.eos_token_id])[:room]
                                           for name, ids in responses.items()}}
 
+
 def collate_pairs(pairs: list[dict], pad_token_id: int) -> dict:
     """Stack B tokenised pairs into one (2B, T) batch: rows 0..B-1 chosen, B..2B-1 rejected.
 
@@ -107,6 +111,7 @@ def collate_pairs(pairs: list[dict], pad_token_id: int) -> dict:
     rows = [(p["prompt_ids"], p["chosen_ids"]) for p in pairs]
     rows += [(p["prompt_ids"], p["rejected_ids"]) for p in pairs]
     return _collate_rows(rows, pad_token_id)
+
 
 def collate_unpaired(examples: list[dict], pad_token_id: int,
                      max_length: int | None = None) -> dict:
@@ -125,6 +130,7 @@ def collate_unpaired(examples: list[dict], pad_token_id: int,
                   in zip(rows, rows[-1:] + rows[:-1], room)]
     return {**_collate_rows(rows, pad_token_id), "kl": _collate_rows(mismatched, pad_token_id),
             "label": torch.tensor([e["label"] for e in examples], dtype=torch.bool)}
+
 
 def _collate_rows(rows: list[tuple[list, list]], pad_token_id: int) -> dict:
     """(prompt ids, response ids) rows -> right-padded input_ids, attention_mask, loss_mask."""

@@ -42,6 +42,7 @@ class CheckpointError(ValueError):
 
 # --- the output folder ------------------------------------------------------------------------
 
+
 def run_outputs(folder: Path) -> list[str]:
     """The names in `folder` that a run wrote: checkpoint folders and the command line's files."""
     if not folder.is_dir():
@@ -86,6 +87,20 @@ def check_output_dir(output_dir: str | None, resume: bool = False,
                          "deleted), or choose another output_dir.")
 
 
+def check_output_file(path: Path, flag: str = "output") -> None:
+    """Refuse, before any work, a file path that cannot be written (`flag` names it)."""
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a directory: give a file name, e.g. "
+                         f"{path / 'metrics.json'}.")
+    folder = path.expanduser().absolute().parent
+    if not folder.is_dir():
+        raise ValueError(f"{flag} {path}: the folder {folder} does not exist; create it or "
+                         "choose another file.")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"{flag} {path}: the folder {folder} cannot be written; choose "
+                         "another file.")
+
+
 def clear_checkpoints(folders: list[Path]) -> None:
     """Delete checkpoint folders (overwrite_output_dir: this run replaces another)."""
     for path in folders:
@@ -93,6 +108,7 @@ def clear_checkpoints(folders: list[Path]) -> None:
 
 
 # --- finding checkpoints ----------------------------------------------------------------------
+
 
 def _checkpoint_step(path: Path) -> int | None:
     name = path.name
@@ -136,6 +152,7 @@ def unreadable(path: Path, name: str, err: Exception) -> CheckpointError:
 
 # --- finiteness -------------------------------------------------------------------------------
 
+
 def all_finite(tensors) -> bool:
     """Whether every floating-point tensor in `tensors` (nested dicts and lists too) is finite."""
     if isinstance(tensors, torch.Tensor):
@@ -148,6 +165,7 @@ def all_finite(tensors) -> bool:
 
 
 # --- fingerprints -----------------------------------------------------------------------------
+
 
 # Config keys that do not change what a model computes from its weights.
 _VOLATILE = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache",
@@ -244,6 +262,7 @@ def changed_fingerprints(saved: dict, now: dict) -> list[str]:
 
 # --- stop signals -----------------------------------------------------------------------------
 
+
 class StopRequests:
     """SIGINT (Ctrl-C) and SIGTERM (Slurm, Kubernetes, `timeout`) during training.
 
@@ -303,11 +322,13 @@ class StopRequests:
 
 # --- saving, loading and restoring a run ------------------------------------------------------
 
+
 # Settings that may differ between a run and its resumption: they do not change the steps
 # already taken. A larger max_steps continues the run (the schedule is stretched to it from
 # the current step, as in TRL).
 _RESUMABLE = {"progress", "output_dir", "save_steps", "save_total_limit", "device", "eval_every",
               "eval_batch_size", "logging_steps", "overwrite_output_dir", "max_steps"}
+
 
 def foreign_checkpoints(config: TrainConfig, run_id: str, fresh: bool) -> list[Path]:
     """Checkpoint folders in output_dir that are not this run's: refused, or with
@@ -324,6 +345,7 @@ def foreign_checkpoints(config: TrainConfig, run_id: str, fresh: bool) -> list[P
                               "choose another output_dir, or replace them with --overwrite "
                               "(overwrite_output_dir=True).")
     return foreign
+
 
 def _checkpoint_path(resume_from, config: TrainConfig) -> Path:
     """The checkpoint folder to resume: `resume_from`, or with True the newest complete and
@@ -343,6 +365,7 @@ def _checkpoint_path(resume_from, config: TrainConfig) -> Path:
                               f"{STATE_FILE} in it): pass a checkpoint-{{step}}/ folder written "
                               "by train.")
     return path
+
 
 def load(resume_from, config: TrainConfig, now: dict | None) -> dict:
     """Everything a resume needs, read and checked against this run before any work: the
@@ -429,7 +452,6 @@ def save(run, steps_done: int) -> Path | None:
         for old in (checkpoints(root, run.run_id)[:-limit] if limit else []):
             shutil.rmtree(old)
     return final
-
 
 
 def restore(run, checkpoint: dict) -> None:

@@ -4,6 +4,7 @@ records) and the checks a run makes of its model before any work."""
 import json
 import math
 import os
+import types
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -122,10 +123,12 @@ class TrainConfig:
             raise ValueError(f"save_total_limit must be >= 1 or None (keep all), got "
                              f"{self.save_total_limit}.")
 
+
 # The type each TrainConfig annotation demands (bool is not accepted as an int or float).
 _FIELD_TYPES = {float: (float, int), int: (int,), str: (str,), bool: (bool,),
                 str | None: (str, type(None)), int | None: (int, type(None)),
                 float | None: (float, int, type(None))}
+
 
 def _check_type(name: str, value, types: tuple) -> None:
     if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
@@ -142,6 +145,13 @@ def expand_output_dir(output_dir: str | None) -> str | None:
         raise ValueError("output_dir is an empty name: give a folder, e.g. output_dir='runs/dpo' "
                          "(or None to save nothing).")
     return os.path.expanduser(output_dir)
+
+
+# The panels of History.plot: (metric or metrics, title, unit).
+PANELS = [("loss", "DPO loss", "loss (nats)"),
+          ("rewards/accuracies", "reward accuracy", "share of pairs won"),
+          ("rewards/margins", "reward margin", "beta x log-ratio (nats)"),
+          (("rewards/chosen", "rewards/rejected"), "rewards", "beta x log-ratio (nats)")]
 
 
 class History(list):
@@ -161,8 +171,55 @@ class History(list):
         rows = [row for row in self if key in row]
         return [row["step"] for row in rows], [row[key] for row in rows]
 
+    def summary(self, seconds: float, written: list) -> str:
+        """The end of a run in a few lines: steps, time, losses, held-out metrics, files."""
+        losses = [row["loss"] for row in self]
+        tail = losses[-max(1, len(losses) // 10):]  # the last tenth of the steps
+        lines = [f"dpo-minimal: done, {len(self)} steps ({seconds:.1f} s in this session); "
+                 f"mean loss {sum(losses) / len(losses):.4f} over the run, "
+                 f"{sum(tail) / len(tail):.4f} over its last {len(tail)} steps (ln 2 = "
+                 f"{math.log(2):.4f} at the start)."]
+        held_out = {k[5:]: v for k, v in self[-1].items() if k.startswith("eval/")}
+        shown = ("loss", "rewards/accuracies", "rewards/margins")
+        if held_out:
+            lines.append("  held out at the end: " + ", ".join(
+                f"{k} {v:.4f}" for k, v in held_out.items() if k in shown))
+        lines.append("  wrote " + ", ".join(str(p) for p in written))
+        return "\n".join(lines)
+
+    def plot(self, path=None, figure=None, title: str = "dpo-minimal training metrics"):
+        """Loss, accuracy, margin and rewards against the step, held-out values as markers.
+
+        Draws into `figure` (a new matplotlib Figure, without pyplot's global state, if None);
+        with `path`, saves a PNG there and returns the path, else returns the figure.
+        """
+        if figure is None:
+            from matplotlib.figure import Figure
+
+            figure = Figure(figsize=(10, 6.5))
+        for i, (keys, name, unit) in enumerate(PANELS):
+            ax = figure.add_subplot(2, 2, i + 1)
+            for key in (keys,) if isinstance(keys, str) else keys:
+                steps, values = self.series(key)
+                ax.plot(steps, values, label=f"train {key.split('/')[-1]}")
+                steps, values = self.series(f"eval/{key}")
+                if steps:
+                    ax.plot(steps, values, "o--", label=f"held-out {key.split('/')[-1]}")
+            if keys == "loss":
+                ax.axhline(math.log(2), color="grey", lw=0.8, ls=":", label="ln 2")
+            ax.set(title=name, xlabel="optimiser step", ylabel=unit)
+            ax.legend(fontsize=8)
+        figure.suptitle(title)
+        figure.tight_layout()
+        if path is None:
+            return figure
+        figure.savefig(path, dpi=120)
+        return Path(path)
+
+
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss, gradient norm or weight."""
+
 
 def _divergence_fix(config: "TrainConfig") -> str:
     """The likely cause of a non-finite value in a run with this config, and the fix."""
@@ -178,6 +235,7 @@ def _divergence_fix(config: "TrainConfig") -> str:
 
 # --- checks of the model and data, before any work ---------------------------------------------
 
+
 def _check_token_ids(model, tokenizer, pairs: list[dict]) -> None:
     """Every token id (the pad id too) indexes a row of the model's input embedding."""
     rows = model.get_input_embeddings().num_embeddings
@@ -190,11 +248,13 @@ def _check_token_ids(model, tokenizer, pairs: list[dict]) -> None:
                          "own tokenizer, or after adding tokens call "
                          "model.resize_token_embeddings(len(tokenizer)).")
 
+
 def _check_weights_loaded(model) -> None:
     if any(p.is_meta for p in model.parameters()):
         raise ValueError("the model's weights are on the meta device (sized, never loaded), so "
                          "there is nothing to train: load real weights, e.g. with "
                          "from_pretrained(...) or load_model(...), not init_empty_weights().")
+
 
 def _check_adapter(model) -> None:
     """A LoRA model trains its adapters, and its reference is the same model with them off."""
@@ -215,6 +275,7 @@ def _check_adapter(model) -> None:
                          "(p.requires_grad_(False)), list those modules in LoraConfig("
                          "modules_to_save=...), or train without LoRA (full fine-tuning).")
 
+
 def _device(config: TrainConfig, model) -> torch.device:
     """The run's device, and a clear error where it cannot be used (before torch's own)."""
     base = (model.get_base_model() if _is_peft(model) else model).config
@@ -229,3 +290,64 @@ def _device(config: TrainConfig, model) -> torch.device:
         raise ValueError(f"device={config.device!r} but this machine has no CUDA GPU: use "
                          "device='cpu' (or None), or run on a GPU runtime.")
     return device
+
+
+def read_options_file(path: Path, kinds: dict[str, type]) -> dict:
+    """The options in a YAML or JSON file (UTF-8), keys normalised to option names (dashes ok),
+    each checked against `kinds` (name -> type). A string where a float is due (YAML 1.1 reads
+    1e-4 as one) is converted. Raises ValueError naming the file and the problem."""
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; pass the YAML or JSON file of options "
+                         "inside it (e.g. options.yaml).")
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file.")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ValueError(f"{path}: line {line}: byte 0x{data[err.start]:02x} is not UTF-8; "
+                         "save the file as UTF-8.") from None
+    yaml_file = path.suffix.lower() in (".yaml", ".yml")
+    try:
+        if yaml_file:
+            import yaml
+
+            values = yaml.safe_load(text)
+        else:
+            values = json.loads(text)
+    except Exception as err:  # yaml and json raise their own error types
+        raise ValueError(f"{path} is not valid {'YAML' if yaml_file else 'JSON'}: "
+                         f"{err}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a mapping of option: value, got a "
+                         f"{type(values).__name__}.")
+    values = {str(key).replace("-", "_"): value for key, value in values.items()}
+    known = set(kinds)
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)}; the options are "
+                         f"the flags of `dpo-minimal train --help` ({', '.join(sorted(known))}).")
+    for name, kind in kinds.items():
+        value = values.get(name)
+        if kind is float and isinstance(value, str):
+            try:  # YAML 1.1 has no exponent without a dot: it reads 1e-4 as a string
+                value = values[name] = float(value)
+            except ValueError:
+                pass
+        if name == "lora_targets" and isinstance(value, list):  # a YAML list of names
+            continue
+        if value is not None and not (kind is bool if isinstance(value, bool) else (
+                isinstance(value, kind) or (kind is float and isinstance(value, int)))):
+            raise ValueError(f"{path}: {name} must be {kind.__name__}, got {value!r}.")
+    return values
+
+
+def _value_type(annotation) -> tuple[type, bool]:
+    """(the type, whether None is allowed) of a TrainConfig annotation such as `float | None`."""
+    if isinstance(annotation, types.UnionType):
+        kinds = [a for a in annotation.__args__ if a is not type(None)]
+        return kinds[0], True
+    return annotation, False

@@ -28,10 +28,10 @@ SHIPPED = {
     "task_sft": DATA_DIR / "task_sft.jsonl",
 }
 
+
 COLUMNS = ("prompt", "chosen", "rejected")
 
 UNPAIRED_COLUMNS = ("prompt", "completion", "label")  # TRL's unpaired preference format (KTO)
-
 
 
 def shipped_data_path(split: str = "train") -> Path:
@@ -46,18 +46,15 @@ def shipped_data_path(split: str = "train") -> Path:
     return SHIPPED[split]
 
 
-
 # A string with one of these file suffixes, or that starts like a path, is a local file: it is
 # never sent to the Hub, where a typo (data/train.josnl) would come back as a network error.
 _PATH_START = ("/", "./", "../", "~", ".\\")
-
 
 
 def _looks_local(source: str) -> bool:
     suffix = Path(source).suffix
     return (source.startswith(_PATH_START) or source.count("/") > 1 or "\\" in source
             or bool(re.fullmatch(r"\.[A-Za-z]{2,8}", suffix)))
-
 
 
 def _read_rows(source, split: str) -> list[tuple[str, object]]:
@@ -85,7 +82,6 @@ def _read_rows(source, split: str) -> list[tuple[str, object]]:
     return [(f"{source} row {i}", row) for i, row in enumerate(rows)]
 
 
-
 def _files_inside(folder: Path) -> str:
     """The fix for a folder given as data: pass a file inside it, named when there is one."""
     inside = sorted(p for p in folder.iterdir()
@@ -95,10 +91,8 @@ def _files_inside(folder: Path) -> str:
     return f"pass the .jsonl (or .json) file inside it, e.g. {', '.join(map(str, inside[:3]))}."
 
 
-
 class _DuplicateKeyError(ValueError):
     """A JSON object that gives one key twice: json alone would silently keep the last value."""
-
 
 
 def _unique_keys(pairs: list) -> dict:
@@ -112,11 +106,9 @@ def _unique_keys(pairs: list) -> dict:
     return out
 
 
-
 def _duplicate_key(path: Path, where: str, key: str) -> ValueError:
     return ValueError(f"{path.name}: {where}: the key {key!r} appears twice in one JSON object, "
                       "so one of its values would be silently lost; delete or rename one.")
-
 
 
 def _decode(path: Path, data: bytes) -> str:
@@ -131,7 +123,6 @@ def _decode(path: Path, data: bytes) -> str:
                          f"0x{data[err.start]:02x} is not UTF-8 (the file is in another "
                          "encoding, e.g. Latin-1 or Windows-1252); save the file as UTF-8 (an "
                          "editor's 'save with encoding', or iconv -f latin1 -t utf-8).") from None
-
 
 
 def _json_rows_start(text: str) -> list[tuple[int, int]]:
@@ -155,7 +146,6 @@ def _json_rows_start(text: str) -> list[tuple[int, int]]:
     return starts
 
 
-
 def _read_json(path: Path, text: str) -> list[tuple[str, object]]:
     """A .json file: one list of rows, each named by its index."""
     try:
@@ -177,7 +167,6 @@ def _read_json(path: Path, text: str) -> list[tuple[str, object]]:
         raise ValueError(f"{path}: expected a JSON list of rows, got "
                          f"{type(rows).__name__}; use a list, or one row per line in .jsonl.")
     return [(f"{path.name}: row {i}", row) for i, row in enumerate(rows)]
-
 
 
 def _read_file(path: Path) -> list[tuple[str, object]]:
@@ -215,9 +204,7 @@ def _read_file(path: Path) -> list[tuple[str, object]]:
     return out
 
 
-
 ROLES = ("system", "user", "assistant")
-
 
 
 def _check_message_fields(messages: list, where: str) -> None:
@@ -235,7 +222,6 @@ def _check_message_fields(messages: list, where: str) -> None:
                              f"{type(content).__name__} ({content!r}); fix or drop the row.")
         if not content.strip():
             raise ValueError(f"{where}, message {k}: the content is empty; fix or drop the row.")
-
 
 
 def _check_turns(messages: list, where: str, reply: bool) -> None:
@@ -257,11 +243,9 @@ def _check_turns(messages: list, where: str, reply: bool) -> None:
                          f"end with a user turn (the reply answers it), got roles {roles}.")
 
 
-
 def _render(messages: list, tokenizer, generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False,
                                          add_generation_prompt=generation_prompt)
-
 
 
 def _conversation(prompt: list, replies: dict, where: str, tokenizer) -> dict:
@@ -277,7 +261,6 @@ def _conversation(prompt: list, replies: dict, where: str, tokenizer) -> dict:
                              "template that does (most do).")
         out[column] = full[len(out["prompt"]):]
     return out
-
 
 
 def _split_implicit(chosen, rejected, where: str):
@@ -301,13 +284,11 @@ def _split_implicit(chosen, rejected, where: str):
                      "messages (conversational format).")
 
 
-
 def _common_prefix(a, b):
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
     return n
-
 
 
 def _is_unpaired(row: dict) -> bool:
@@ -316,13 +297,11 @@ def _is_unpaired(row: dict) -> bool:
     return row.get("completion") is not None or row.get("label") is not None
 
 
-
 # The columns each format needs, and what to tell a row that lacks one.
 _NEEDS = {False: (("chosen", "rejected"), "every row needs 'chosen' and 'rejected' (and "
                   "'prompt', unless it is implicit in both)"),
           True: (("prompt", "completion", "label"), "an unpaired row needs 'prompt', "
                  "'completion' and 'label' (true for a desirable completion, false otherwise)")}
-
 
 
 def _normalise(row, where: str, tokenizer=None) -> dict:
@@ -388,7 +367,6 @@ def _normalise(row, where: str, tokenizer=None) -> dict:
     return out
 
 
-
 def _check_one_format(rows: list) -> None:
     """All rows paired, or all unpaired: a data set that mixes them is refused, naming a row
     of each (dicts only; `_normalise` names any other row)."""
@@ -399,7 +377,6 @@ def _check_one_format(rows: list) -> None:
                          f"rejected) and {first[True]} unpaired (prompt, completion, label). Use "
                          "one: split each pair into two unpaired rows (chosen with label true, "
                          "rejected with label false), or drop the unpaired rows.")
-
 
 
 def load_preferences(source, split: str = "train", prompt_template: str | None = None,
@@ -458,14 +435,12 @@ def load_preferences(source, split: str = "train", prompt_template: str | None =
                          "one type on every row, or drop the column.") from None
 
 
-
 def _arrow_stores(values: list) -> bool:
     try:
         pyarrow.array(values)
     except (pyarrow.ArrowInvalid, pyarrow.ArrowTypeError):
         return False
     return True
-
 
 
 def _kind(value) -> str | None:
@@ -478,7 +453,6 @@ def _kind(value) -> str | None:
     if isinstance(value, (int, float)):
         return "number"
     return {str: "string", list: "list", dict: "object"}.get(type(value), type(value).__name__)
-
 
 
 def _check_column_types(rows: list, out: list) -> None:

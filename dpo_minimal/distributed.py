@@ -92,6 +92,7 @@ class _World:
             self.dist.broadcast(value, 0)
             p.copy_(value)
 
+
 def shard_fsdp(model, dtype: str = "float32"):
     """Shard a model for full fine-tuning over the processes with FSDP (torch's fully_shard).
 
@@ -119,6 +120,7 @@ def shard_fsdp(model, dtype: str = "float32"):
     fully_shard(model, mp_policy=policy)
     return model
 
+
 def full_state_dict(model) -> dict | None:
     """The whole state dict of an FSDP-sharded model on rank 0 (CPU), {} elsewhere; None for a
     model that is not sharded (its own state_dict holds it). Every process must call it."""
@@ -128,6 +130,7 @@ def full_state_dict(model) -> dict | None:
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(model, options=options)
+
 
 def _peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":

@@ -19,6 +19,7 @@ def disable_dropout(model) -> None:
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
 
+
 class Reference:
     """Where pi_ref's log-probs come from. One of three:
 
@@ -72,16 +73,20 @@ class Reference:
     def _store(self, batch: dict, logps: torch.Tensor) -> None:
         self.cache[batch["index"]] = _per_example(logps, len(batch["index"])).float().cpu()
 
+
 def _per_example(logps: torch.Tensor, b: int) -> torch.Tensor:
     """(2B,) chosen-then-rejected log-probs -> (B, 2), one row a pair ((B,) -> (B, 1))."""
     return logps.reshape(-1, b).T
+
 
 def _rows_per_example(pairs: list[dict]) -> int:
     """Forward rows an example takes: 2 for a pair (chosen, rejected), 1 for unpaired data."""
     return 1 if pairs and "completion_ids" in pairs[0] else 2
 
+
 def _needs_reference(config: TrainConfig) -> bool:
     return LOSSES[config.loss_type].needs_reference
+
 
 def preference_step(policy_logps: torch.Tensor, reference_logps: torch.Tensor | None,
                     batch: dict, config: TrainConfig) -> tuple[torch.Tensor, dict]:
@@ -114,6 +119,7 @@ def preference_step(policy_logps: torch.Tensor, reference_logps: torch.Tensor | 
     }
     return losses, sums
 
+
 def _kto_step(policy_logps, reference_logps, batch, config):
     """`preference_step` on unpaired examples. As TRL does, rewards/chosen and logps/chosen
     sum over the desirable examples and .../rejected over the undesirable ones (counted under
@@ -135,9 +141,11 @@ def _kto_step(policy_logps, reference_logps, batch, config):
             "count/undesirable": undesirable.sum().item()}
     return losses, sums
 
+
 _UNPAIRED_LOSS = ("the data is unpaired (prompt, completion, label), which only loss_type='kto' "
                   "trains, not loss_type={!r}: set loss_type='kto', or pass pairs (prompt, "
                   "chosen, rejected).")
+
 
 def _collate(chunk: list[dict], tokenizer, max_length: int | None = None) -> dict:
     """`collate_pairs` (or `collate_unpaired`), plus the data-set rows (for the reference
@@ -148,6 +156,7 @@ def _collate(chunk: list[dict], tokenizer, max_length: int | None = None) -> dic
         batch = collate_pairs(chunk, tokenizer.pad_token_id)
     batch["index"] = torch.tensor([p["index"] for p in chunk])
     return batch
+
 
 @torch.no_grad()
 def _kl_logps(model, batch: dict, dtype: str, reference_model=None):
@@ -160,14 +169,17 @@ def _kl_logps(model, batch: dict, dtype: str, reference_model=None):
     return (batch_logps(model, batch["kl"], dtype),
             Reference(reference_model).logps(model, batch["kl"], dtype))
 
+
 def _in_order(pairs: list, batch_size: int):
     for i in range(0, len(pairs), batch_size):
         yield pairs[i: i + batch_size]
+
 
 # Unpaired KTO's metrics of desirable (chosen) or undesirable (rejected) examples alone: the
 # mean over those examples, left out of a step that drew none (as TRL does).
 _COUNTED = {"rewards/chosen": "count/desirable", "logps/chosen": "count/desirable",
             "rewards/rejected": "count/undesirable", "logps/rejected": "count/undesirable"}
+
 
 def _mean(totals: dict, n: int) -> dict:
     """Sums over n examples -> means; with count/* (unpaired KTO), `_COUNTED` metrics are means
@@ -180,9 +192,11 @@ def _mean(totals: dict, n: int) -> dict:
         means["rewards/margins"] = means["rewards/chosen"] - means["rewards/rejected"]
     return means
 
+
 def _add(totals: dict, sums: dict) -> None:
     for key, value in sums.items():
         totals[key] = totals.get(key, 0.0) + value
+
 
 @torch.no_grad()
 def _evaluate_pairs(model, tokenizer, pairs, config, reference: Reference) -> dict:

@@ -114,6 +114,7 @@ def train(model, tokenizer, train_data, config: TrainConfig, eval_data=None,
     with _fast_activations(config, model):
         return _train(run)
 
+
 def _train(run: "_Run") -> History:
     """The loop: per step, accumulate micro-batches, update, record, evaluate, checkpoint.
 
@@ -136,7 +137,8 @@ def _train(run: "_Run") -> History:
                     history[-1].update(run.evaluate())
                 bar.set_postfix(_shown(history[-1]))
                 if main and config.logging_steps and run.done % config.logging_steps == 0:
-                    tqdm.write(metrics_line(history[-1], config.max_steps))
+                    window = history[-config.logging_steps:]
+                    tqdm.write(metrics_line(window_mean(window), config.max_steps))
                 if config.save_steps and (run.done % config.save_steps == 0
                                           or run.done == config.max_steps):
                     run.save(run.done)
@@ -159,6 +161,7 @@ def _train(run: "_Run") -> History:
         raise
     run.model.eval()
     return history
+
 
 class _Run:
     """Everything a training run holds: data, references, optimiser, schedule, scaler."""
@@ -336,7 +339,8 @@ class _Run:
 
     def evaluation_due(self, step: int) -> bool:
         every, last = self.config.eval_every, step == self.config.max_steps - 1
-        return self.eval_pairs is not None and (last or bool(every and step % every == 0))
+        # After steps N, 2N, ... (counted from 1, as the console counts them) and the last.
+        return self.eval_pairs is not None and (last or bool(every and (step + 1) % every == 0))
 
     def evaluate(self) -> dict:
         metrics = _evaluate_pairs(self.model, self.tokenizer, self.eval_pairs, self.config,
@@ -380,6 +384,7 @@ def evaluate(model, tokenizer, data, config: TrainConfig, reference_model=None) 
     with _fast_activations(config, model, reference_model):
         return _evaluate_pairs(model, tokenizer, pairs, config, Reference(reference_model))
 
+
 def _fast_activations(config: TrainConfig, *models) -> ExitStack:
     """`models.fused_gelu` on each model (None is skipped) when config.fused_gelu is set."""
     stack = ExitStack()
@@ -387,6 +392,7 @@ def _fast_activations(config: TrainConfig, *models) -> ExitStack:
         if model is not None:
             stack.enter_context(fused_gelu(model))
     return stack
+
 
 def _tokenize(data, tokenizer, config: TrainConfig, model=None) -> list[dict]:
     """Rows -> tokenised examples with their index; conversational rows are rendered with
@@ -400,16 +406,29 @@ def _tokenize(data, tokenizer, config: TrainConfig, model=None) -> list[dict]:
         _check_token_ids(model, tokenizer, pairs)
     return [{**pair, "index": i} for i, pair in enumerate(pairs)]
 
+
 # What a progress line shows of a History row, where the row has it: name -> (key, format).
 _SHOWN = {"loss": ("loss", ".4f"), "acc": ("rewards/accuracies", ".3f"),
           "margin": ("rewards/margins", ".4f"), "kl": ("kl", ".4f")}
 
+
 def _shown(row: dict) -> dict:
     return {name: format(row[key], form) for name, (key, form) in _SHOWN.items() if key in row}
 
+
+def window_mean(rows: list[dict]) -> dict:
+    """The mean of each training metric over `rows` (a logging window, as TRL logs it); the
+    step, learning rate and held-out metrics are the last row's."""
+    last = rows[-1]
+    means = {key: sum(row[key] for row in rows if key in row) / sum(key in row for row in rows)
+             for key in last if not key.startswith("eval/") and key not in ("step",
+                                                                              "learning_rate")}
+    return {**last, **means}
+
+
 def metrics_line(row: dict, max_steps: int) -> str:
-    """One History row as a line of text: step, loss, accuracy, margin (KTO on unpaired data:
-    margin and kl, its z0), lr, speed, eval loss."""
+    """One History row (or a `window_mean` of rows) as a line of text: step, loss, accuracy,
+    margin (KTO on unpaired data: margin and kl, its z0), lr, speed, eval loss."""
     line = f"step {row['step'] + 1}/{max_steps}"
     line += "".join(f"  {name} {value}" for name, value in _shown(row).items())
     line += f"  lr {row['learning_rate']:.2e}  {row['tokens_per_second']:.0f} tok/s"
