@@ -19,7 +19,7 @@ export DPO_COURSE_MODE ?= smoke
 export PYTHONHASHSEED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: course test lint unit nbval nbval-portable test-latest constraints setup bench tokenizer clean
+.PHONY: course test lint unit unit-fast nbval nbval-portable test-latest constraints setup bench tokenizer clean
 
 setup: $(STAMP)
 
@@ -56,6 +56,10 @@ lint: $(STAMP)
 
 unit: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest tests/ -q
+
+# While working: the unit tests without those marked slow (several processes, signals).
+unit-fast: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests/ -q -m "not slow"
 
 # The committed outputs were written on one CPU; every compared output must come out the same on
 # this one (nbval) and on torch's portable kernels (nbval-portable), so no output that depends on

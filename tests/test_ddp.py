@@ -15,6 +15,7 @@ import torch
 from dpo_minimal import load_preferences, shipped_data_path
 from dpo_minimal.cli import main
 
+pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = {"step_seconds", "tokens_per_second", "peak_memory_gib"}
 # 8 pairs and a global batch of 4: two steps an epoch, so 6 steps see every pair three times and

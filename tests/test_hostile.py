@@ -1001,6 +1001,7 @@ def test_an_interrupt_during_evaluation_resumes_bit_for_bit(tmp_path, monkeypatc
         [{k: v for k, v in r.items() if k not in timing} for r in whole]
 
 
+@pytest.mark.slow
 def test_sigterm_through_the_command_line(tmp_path, prefs):
     import os
     import signal
