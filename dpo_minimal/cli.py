@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .checkpoint import check_output_dir, check_output_file
 from .config import _value_type, read_options_file
+from .distributed import init_process_group
 from .losses import LOSSES
 from .models import ARCHITECTURES
 from .train import DTYPES, SCHEDULERS, History, NonFiniteLossError, TrainConfig
@@ -303,9 +304,11 @@ def _load_model(options: dict, config: TrainConfig):
 
 def _train_command(args, parser) -> int:
     from .data import load_preferences
-    from .train import shard_fsdp, train
+    from .distributed import shard_fsdp
+    from .train import train
 
     options, config = _options(args, parser)
+    init_process_group()  # under torchrun / accelerate launch: join the other processes
     rank, _, world = _rank()
     say = print if rank == 0 else (lambda *a, **k: None)
     try:
@@ -357,7 +360,7 @@ def _train_command(args, parser) -> int:
 def _write_outputs(model, tokenizer, history, options, config, out: Path, rank: int) -> list:
     """The adapter (or the full model), history.json, metrics.png and run.json; rank 0 only."""
     from .adapters import save_adapter
-    from .train import full_state_dict
+    from .distributed import full_state_dict
 
     state = full_state_dict(model) if options["full"] else None  # every process takes part
     if rank != 0:

@@ -1,5 +1,6 @@
-"""Data parallel and sharded training: this process's place in the run (`_World`), FSDP
-sharding for full fine-tuning, and the peak memory each process reports."""
+"""Data parallel and sharded training: joining the launcher's process group, torch's
+DistributedDataParallel around the policy's log-prob pass, this process's place in the run
+(`_World`, for metrics and agreement), FSDP sharding for full fine-tuning, and peak memory."""
 
 import os
 import resource
@@ -7,23 +8,65 @@ import sys
 
 import torch
 
-from .logprobs import DTYPES, _is_fsdp, _is_peft
+from .logprobs import DTYPES, _is_fsdp, _is_peft, batch_logps
+
+
+def init_process_group() -> bool:
+    """Join the process group that `torchrun` or `accelerate launch` describe (WORLD_SIZE,
+    RANK, MASTER_ADDR in the environment): NCCL for CUDA tensors, gloo for CPU ones.
+
+    Call it in every process before `train` or `shard_fsdp` (the command line does); it does
+    nothing alone or when the group is joined already. Returns whether there are several
+    processes.
+    """
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo")
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class _Policy(torch.nn.Module):
+    """The policy's log-prob pass (`batch_logps`) as a module's forward, which is the pass that
+    DistributedDataParallel watches to average the gradients."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict, dtype: str) -> torch.Tensor:
+        return batch_logps(self.model, batch, dtype)
+
+
+def data_parallel(model, device: torch.device):
+    """`model`'s log-prob pass in torch's DistributedDataParallel: rank 0's weights are given
+    to every process (each may have drawn its own LoRA init), and the backward pass averages
+    the trainable parameters' gradients over the processes in buckets (call it under
+    `.no_sync()` for all but the last micro-batch of an accumulated step)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else None
+    return DistributedDataParallel(_Policy(model), device_ids=ids)
 
 
 class _World:
     """This process's place in a data-parallel run; rank 0 of 1 when it runs alone.
 
     Under `accelerate launch` or `torchrun` (WORLD_SIZE > 1 in the environment) the process
-    group is joined here unless the caller joined one: gloo for CPU tensors, NCCL for CUDA ones.
-    Alone, every method returns its input untouched, so a one-process run computes exactly what
-    it computed before data parallelism existed.
+    group must be joined first (`init_process_group`). Alone, every method returns its input
+    untouched, so a one-process run computes exactly what it computed before data parallelism
+    existed.
     """
 
     def __init__(self, device: torch.device):
         import torch.distributed as dist
 
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-            dist.init_process_group("cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo")
+            raise ValueError(f"this process is one of {os.environ['WORLD_SIZE']} (WORLD_SIZE) "
+                             "but has not joined their process group: call dpo_minimal."
+                             "distributed.init_process_group() in every process first (the "
+                             "command line does).")
         joined = dist.is_available() and dist.is_initialized()
         self.dist, self.rank = dist, dist.get_rank() if joined else 0
         self.size = dist.get_world_size() if joined else 1
@@ -62,36 +105,6 @@ class _World:
         self.dist.all_gather(parts, local)
         return torch.cat(parts).to(tensor.device)
 
-    @torch.no_grad()
-    def average_gradients(self, params: list) -> None:
-        """Replace each gradient by its mean over the processes (flat buckets, few messages).
-
-        Each process's loss is the mean over its own pairs, so the mean of the gradients is the
-        gradient of the mean over the global batch: what one process would compute on it all.
-        """
-        if self.size == 1:
-            return
-        buckets, size = [[]], 0
-        for grad in (p.grad for p in params if p.grad is not None):
-            if buckets[-1] and (size + grad.numel() > 2**25 or grad.dtype != buckets[-1][0].dtype):
-                buckets, size = buckets + [[]], 0
-            buckets[-1].append(grad)
-            size += grad.numel()
-        for bucket in filter(None, buckets):
-            flat = torch.cat([g.reshape(-1) for g in bucket]).to(self.device)
-            self.dist.all_reduce(flat)
-            flat /= self.size
-            for grad, part in zip(bucket, flat.split([g.numel() for g in bucket])):
-                grad.copy_(part.view_as(grad))
-
-    @torch.no_grad()
-    def broadcast(self, params: list) -> None:
-        """Give every process rank 0's values (each may have drawn its own LoRA init)."""
-        for p in params if self.size > 1 else ():
-            value = p.detach().to(self.device)
-            self.dist.broadcast(value, 0)
-            p.copy_(value)
-
 
 def shard_fsdp(model, dtype: str = "float32"):
     """Shard a model for full fine-tuning over the processes with FSDP (torch's fully_shard).
@@ -100,7 +113,7 @@ def shard_fsdp(model, dtype: str = "float32"):
     (embeddings, final norm, head) the root: every process keeps 1/N of the float32 weights,
     gradients and AdamW state, and gathers one block at a time to compute, in `dtype` (pass
     TrainConfig.dtype: "bfloat16" gathers bfloat16 copies and reduces gradients in float32).
-    Joins the process group (gloo on CPU, NCCL on CUDA) if needed; call it in every process,
+    Joins the process group (`init_process_group`) if needed; call it in every process,
     before `train`. Checkpoints and resuming are not supported under FSDP (save_steps=0).
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -109,7 +122,7 @@ def shard_fsdp(model, dtype: str = "float32"):
         raise ValueError("shard_fsdp shards full fine-tuning; a LoRA model trains data "
                          "parallel without it (its adapters are small).")
     device = next(model.parameters()).device
-    _World(device)
+    init_process_group()
     if device.type == "cuda":
         torch.cuda.set_device(device)
     policy = MixedPrecisionPolicy(param_dtype=DTYPES[dtype], reduce_dtype=torch.float32)

@@ -11,7 +11,7 @@ log-probs of pi_ref, and `preference_step`.
 import math
 import time
 import uuid
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import torch
@@ -32,7 +32,7 @@ from .config import (  # noqa: F401 - TrainConfig, History and the errors are th
     _divergence_fix,
 )
 from .data import check_pad_token, load_preferences, tokenize_preferences
-from .distributed import _peak_memory_gib, _World, full_state_dict, shard_fsdp  # noqa: F401
+from .distributed import _peak_memory_gib, _World, data_parallel
 from .logprobs import DTYPES, _is_fsdp, _is_peft, batch_logps  # noqa: F401
 from .models import fused_gelu
 from .objective import (  # noqa: F401 - the public step, importable from here as before
@@ -102,10 +102,10 @@ def train(model, tokenizer, train_data, config: TrainConfig, eval_data=None,
       the processes (each rotates its own share). Unpaired data needs LoRA and batch_size >= 2;
       rewards/chosen and logps/chosen average over the desirable examples, .../rejected over
       the undesirable ones (left out of a step that drew none), and kl is z0.
-    - Data parallel: run under `accelerate launch` or `torchrun` with N processes (the process
-      group is joined here if the caller has not). Each process takes its `batch_size` share of
-      every global batch of batch_size x N pairs, the gradients are averaged over the processes
-      before clipping, the metrics are averaged over the global batch, and rank 0 alone shows
+    - Data parallel: run under `accelerate launch` or `torchrun` with N processes, each having
+      called `distributed.init_process_group()`. Each process takes its `batch_size` share of
+      every global batch of batch_size x N pairs, torch's DistributedDataParallel averages the
+      gradients in the backward pass (once per accumulated step), the metrics are averaged over the global batch, and rank 0 alone shows
       progress and writes checkpoints; the History equals a one-process run's with the same
       global batch and seed up to float rounding. Evaluation runs whole on every process.
     """
@@ -218,8 +218,10 @@ class _Run:
                 gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()  # so checkpointed blocks see inputs needing grad
         model.to(self.device).train()
-        if not self.fsdp:  # FSDP shards each process's own copy
-            self.world.broadcast(self.params)
+        # Several processes: torch's DDP gives every process rank 0's weights and averages the
+        # gradients in the backward pass (FSDP shards and reduces them itself).
+        self.ddp = data_parallel(model, self.device) if self.world.size > 1 and not self.fsdp \
+            else None
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate,
                                            weight_decay=config.weight_decay)
         self.scheduler = get_scheduler(SCHEDULERS[config.lr_scheduler], self.optimizer,
@@ -246,8 +248,13 @@ class _Run:
                                                 float("nan")))
                      for pairs in (self.pairs, self.eval_pairs))
 
-    def micro_step(self, step: int) -> tuple[dict, int]:
-        """Forward and backward on one micro-batch: (metric sums, tokens)."""
+    def micro_step(self, step: int, sync: bool = True) -> tuple[dict, int]:
+        """Forward and backward on one micro-batch: (metric sums, tokens). Under DDP the
+        gradients are averaged over the processes only when `sync` (the last micro-batch)."""
+        with nullcontext() if sync or self.ddp is None else self.ddp.no_sync():
+            return self._micro_step(step)
+
+    def _micro_step(self, step: int) -> tuple[dict, int]:
         config = self.config
         batch = _collate(next(self.batches), self.tokenizer, config.max_length)
         ref = (self.reference.logps(self.model, batch, config.dtype)
@@ -256,7 +263,8 @@ class _Run:
             self._share_reference(batch, ref)
         if "kl" in batch:
             batch["kl_logps"] = self._kl_logps(batch)
-        policy = batch_logps(self.model, batch, config.dtype)
+        policy = (self.ddp(batch, config.dtype) if self.ddp is not None
+                  else batch_logps(self.model, batch, config.dtype))
         losses, sums = preference_step(policy, ref, batch, config)
         loss = losses.mean() / config.gradient_accumulation_steps
         if not self.world.all_finite(loss):
@@ -292,8 +300,8 @@ class _Run:
         The update and its record are done as one: a stop signal waits until both are.
         """
         config, start, tokens, totals = self.config, time.perf_counter(), 0, {}
-        for _ in range(config.gradient_accumulation_steps):
-            sums, n_tokens = self.micro_step(step)
+        for i in range(config.gradient_accumulation_steps):
+            sums, n_tokens = self.micro_step(step, sync=i == config.gradient_accumulation_steps - 1)
             _add(totals, sums)
             tokens += n_tokens
         with self.stops.deferred():
@@ -310,11 +318,9 @@ class _Run:
         return row
 
     def update(self) -> tuple[float, float]:
-        """Average the gradients over the processes, clip, step the optimiser and the schedule:
-        (grad norm, the learning rate used)."""
-        # Before unscaling: an overflow on one process then reaches all, and all skip the step.
-        if not self.fsdp:  # FSDP averages (reduce-scatters) them in the backward pass
-            self.world.average_gradients(self.params)
+        """Clip, step the optimiser and the schedule: (grad norm, the learning rate used). The
+        gradients are averaged over the processes already (DDP or FSDP, in the backward), so an
+        overflow on one process reaches all, and all skip the step."""
         self.scaler.unscale_(self.optimizer)
         max_norm = self.config.max_grad_norm
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm or math.inf)
