@@ -105,9 +105,10 @@ def train(model, tokenizer, train_data, config: TrainConfig, eval_data=None,
     - Data parallel: run under `accelerate launch` or `torchrun` with N processes, each having
       called `distributed.init_process_group()`. Each process takes its `batch_size` share of
       every global batch of batch_size x N pairs, torch's DistributedDataParallel averages the
-      gradients in the backward pass (once per accumulated step), the metrics are averaged over the global batch, and rank 0 alone shows
-      progress and writes checkpoints; the History equals a one-process run's with the same
-      global batch and seed up to float rounding. Evaluation runs whole on every process.
+      gradients in the backward pass (once per accumulated step), the metrics are averaged
+      over the global batch, and rank 0 alone shows progress and writes checkpoints; the
+      History equals a one-process run's with the same global batch and seed up to float
+      rounding. Evaluation runs whole on every process.
     """
     resume_from = None if resume_from is False else resume_from
     run = _Run(model, tokenizer, train_data, config, eval_data, resume_from)
