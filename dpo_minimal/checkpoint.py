@@ -176,7 +176,7 @@ def _digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _data_digest(pairs: list[dict] | None) -> dict | None:
+def data_digest(pairs: list[dict] | None) -> dict | None:
     """Size and digest of tokenised examples (their token ids and labels)."""
     if pairs is None:
         return None
@@ -217,8 +217,8 @@ def fingerprints(model, pairs: list[dict], eval_pairs: list[dict] | None,
     frozen = [(n, p) for n, p in model.named_parameters() if "lora_" not in n]
     config = {k: v for k, v in base.config.to_dict().items() if k not in _VOLATILE}
     return {
-        "data": _data_digest(pairs),
-        "eval_data": _data_digest(eval_pairs),
+        "data": data_digest(pairs),
+        "eval_data": data_digest(eval_pairs),
         "base_model": {"name": getattr(base.config, "_name_or_path", "") or "",
                        "config": _digest(config), "weights": _weights_digest(frozen)},
         "lora": _lora_settings(model),

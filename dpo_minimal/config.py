@@ -68,6 +68,8 @@ class TrainConfig:
         False, "replace a run already in output_dir (its checkpoints)")
 
     def __post_init__(self):
+        if isinstance(self.output_dir, os.PathLike):  # a pathlib.Path is a folder name too
+            self.output_dir = os.fspath(self.output_dir)
         for spec in fields(self):
             _check_type(spec.name, getattr(self, spec.name), _FIELD_TYPES[spec.type])
         self.output_dir = expand_output_dir(self.output_dir)

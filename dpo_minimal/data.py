@@ -243,18 +243,24 @@ def _check_turns(messages: list, where: str, reply: bool) -> None:
                          f"end with a user turn (the reply answers it), got roles {roles}.")
 
 
-def _render(messages: list, tokenizer, generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False,
-                                         add_generation_prompt=generation_prompt)
+def _render(messages: list, tokenizer, generation_prompt: bool, where: str) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+    except Exception as err:  # noqa: BLE001 - jinja2's and the template's own errors alike
+        raise ValueError(f"{where}: the tokenizer's chat template refused these messages "
+                         f"({type(err).__name__}: {err}); some templates take no system "
+                         "message or need strict user/assistant turns: fix the row, or set "
+                         "another tokenizer.chat_template.") from None
 
 
 def _conversation(prompt: list, replies: dict, where: str, tokenizer) -> dict:
     """Prompt and replies ({column: messages}) as text through the tokenizer's chat template."""
     _check_turns(prompt, f"{where}, column 'prompt'", reply=False)
-    out = {"prompt": _render(prompt, tokenizer, True)}
+    out = {"prompt": _render(prompt, tokenizer, True, where)}
     for column, reply in replies.items():
         _check_turns(reply, f"{where}, column {column!r}", reply=True)
-        full = _render(prompt + reply, tokenizer, False)
+        full = _render(prompt + reply, tokenizer, False, where)
         if not full.startswith(out["prompt"]):
             raise ValueError(f"{where}: the chat template does not render the prompt as the "
                              "start of prompt + reply, so the reply cannot be cut from it; use a "

@@ -2,6 +2,7 @@
 DistributedDataParallel around the policy's log-prob pass, this process's place in the run
 (`_World`, for metrics and agreement), FSDP sharding for full fine-tuning, and peak memory."""
 
+import hashlib
 import os
 import resource
 import sys
@@ -88,6 +89,14 @@ class _World:
         top = torch.tensor([value], dtype=torch.float64, device=self.device)
         self.dist.all_reduce(top, op=self.dist.ReduceOp.MAX)
         return top.item()
+
+    def differing(self, text: str) -> list[int]:
+        """The ranks whose `text` (compared by a hash) differs from rank 0's."""
+        if self.size == 1:
+            return []
+        value = int(hashlib.sha256(text.encode()).hexdigest()[:15], 16)
+        values = self.gather(torch.tensor([value], dtype=torch.int64)).tolist()
+        return [rank for rank, v in enumerate(values) if v != values[0]]
 
     def any(self, flag: bool) -> bool:
         """Whether `flag` is set on any process (all of them get the same answer)."""

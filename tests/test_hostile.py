@@ -1354,3 +1354,21 @@ def test_cli_eval_output_that_cannot_be_written(tmp_path, prefs, capsys, where):
         err = _cli(["eval", "--tiny", "gpt2", "--adapter", str(tmp_path / "a"), "--data", prefs,
                     "--output", str(target)], capsys)
     assert re.search(_all("--output", "is a directory|does not exist"), err)
+
+
+def test_output_dir_as_a_path_object(tmp_path):
+    config = _config(output_dir=tmp_path / "run", save_steps=1)
+    assert config.output_dir == str(tmp_path / "run")
+    train(*_lora(), ROWS, config)
+    assert (tmp_path / "run" / "checkpoint-1").is_dir()
+
+
+def test_a_chat_template_that_refuses_the_messages(tmp_path):
+    model, tok = _lora()
+    tok.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System "
+                         "role not supported') }}{% endif %}" + CHATML)
+    rows = [{"prompt": [SYSTEM, USER], "chosen": [NO], "rejected": [YES]}] * 4
+    with _unchanged(tmp_path), _refused_before_training(
+            model, ValueError, _all("row 0", "chat template refused", "System role not "
+                                    "supported", "fix the row")):
+        train(model, tok, rows, _small(tmp_path))
