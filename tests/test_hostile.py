@@ -670,30 +670,14 @@ def test_overwrite_replaces_the_old_run(tmp_path):
                                                                      "checkpoint-2"]
 
 
-def _train_interrupted_at(config, call: int, data=ROWS):
-    """Train a fresh adapter until its `call`-th update raises KeyboardInterrupt (Ctrl-C)."""
-    from dpo_minimal.train import _Run
-
-    update, calls = _Run.update, []
-
-    def interrupted(self):
-        calls.append(1)
-        if len(calls) == call:
-            raise KeyboardInterrupt
-        return update(self)
-
-    _Run.update = interrupted
-    try:
-        train(*_lora(), data, config)
-    finally:
-        _Run.update = update
-
-
-def test_resuming_into_a_folder_holding_another_run_is_refused(tmp_path):
+def test_resuming_into_a_folder_holding_another_run_is_refused(tmp_path, monkeypatch,
+                                                                interrupt_update):
     train(*_lora(), ROWS, _config(output_dir=str(tmp_path / "a"), save_steps=1, max_steps=2))
     other = _config(output_dir=str(tmp_path / "b"), save_steps=1, max_steps=3)
+    interrupt_update(2)
     with pytest.raises(KeyboardInterrupt):
-        _train_interrupted_at(other, 2)
+        train(*_lora(), ROWS, other)
+    monkeypatch.undo()
     model, tok = _lora()
     with _unchanged(tmp_path), _refused_before_training(
             model, ValueError, _all("another run's checkpoints", "checkpoint-1", "--overwrite")):
@@ -701,10 +685,13 @@ def test_resuming_into_a_folder_holding_another_run_is_refused(tmp_path):
               resume_from=tmp_path / "b" / "checkpoint-1")
 
 
-def test_pruning_keeps_the_newest_checkpoints_of_the_run(tmp_path):
+def test_pruning_keeps_the_newest_checkpoints_of_the_run(tmp_path, monkeypatch,
+                                                          interrupt_update):
     config = _config(output_dir=str(tmp_path), save_steps=1, max_steps=4, save_total_limit=2)
+    interrupt_update(3)
     with pytest.raises(KeyboardInterrupt):
-        _train_interrupted_at(config, 3)
+        train(*_lora(), ROWS, config)
+    monkeypatch.undo()
     train(*_lora(), ROWS, config, resume_from=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3", "checkpoint-4"]
 
