@@ -171,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     plan.add_argument("model", nargs="?", help="Hub name, model folder or config.json")
     plan.add_argument("--tiny", choices=TINY, help="the tiny offline model instead")
+    plan.add_argument("--config-json", type=Path, metavar="FILE",
+                      help="a model's config.json (instead of MODEL)")
+    plan.add_argument("--arch", choices=TINY, help="plan an unregistered family's blocks as "
+                      "this family's (default: read off the model)")
     plan.add_argument("--batch-pairs", type=int, default=2, help="pairs per micro-batch per GPU")
     plan.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
     plan.add_argument("--dtype", choices=list(DTYPES), default="float16",
@@ -464,11 +468,16 @@ def _plan_command(args, parser) -> int:
         parser.error(f"--processes must be >= 1, got {args.processes}.")
     if args.fsdp and not args.full:
         parser.error("--fsdp plans full fine-tuning: add --full.")
+    if args.config_json is not None:
+        if args.model is not None:
+            parser.error("give MODEL or --config-json, not both.")
+        args.model = str(args.config_json)
     config = _model_config(args, parser)
     try:
         plan = plan_memory(config, batch_pairs=args.batch_pairs, seq_len=args.seq_len,
                            dtype=args.dtype, lora_r=0 if args.full else args.lora_r,
-                           gradient_checkpointing=args.gradient_checkpointing)
+                           gradient_checkpointing=args.gradient_checkpointing,
+                           arch=ARCHITECTURES[args.arch] if args.arch else None)
     except ValueError as err:
         parser.error(str(err))
     if args.fsdp or args.processes > 1:

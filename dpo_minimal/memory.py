@@ -48,16 +48,40 @@ def _dims(config) -> dict:
 
 
 def _architecture(config, arch: Architecture | None) -> Architecture:
-    """`arch`, or the registry's entry for the config's family (else a ValueError)."""
+    """`arch`, the registry's entry for the config's family, or one read off its model."""
     if arch is not None:
         return arch
-    if config.model_type not in ARCHITECTURES:
+    if config.model_type in ARCHITECTURES:
+        return ARCHITECTURES[config.model_type]
+    return inferred_architecture(config)
+
+
+def inferred_architecture(config) -> Architecture:
+    """An `Architecture` for a family without a registry entry, read off its model on the meta
+    device: a SwiGLU MLP (gate, up, down) or a two-layer one (fc1, fc2 or c_fc, c_proj), its
+    norms (RMSNorm or LayerNorm, counted in the first block), peft's LoRA targets, and the
+    model's own forward for the logits (no head shortcut). Raises ValueError, naming the way
+    out, for a block it does not recognise."""
+    model = meta_model(config)
+    names = {name.split(".")[-1] for name, _ in model.named_modules()}
+    first = next((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), None)
+    block = first[0] if first is not None and len(first) else None
+    if block is None or not ({"gate_proj", "up_proj", "down_proj"} <= names
+                             or {"fc1", "fc2"} <= names):
         raise ValueError(
-            f"the memory planner knows {', '.join(ARCHITECTURES)}, not model_type "
-            f"{config.model_type!r}: pass arch=, an Architecture describing its blocks (e.g. "
-            "dpo_minimal.models.ARCHITECTURES['llama'] for a Llama-like family), or add an "
-            "entry for it to ARCHITECTURES.")
-    return ARCHITECTURES[config.model_type]
+            f"the memory planner cannot read the blocks of model_type {config.model_type!r}: "
+            "pass arch=, an Architecture describing them (e.g. dpo_minimal.models."
+            "ARCHITECTURES['llama'] for a Llama-like family), or add an entry to ARCHITECTURES.")
+    norms = [m for m in block.modules() if "norm" in type(m).__name__.lower()]
+    rms = any("rms" in type(m).__name__.lower() for m in norms)
+    swiglu = {"gate_proj", "up_proj", "down_proj"} <= names
+    out_proj = next((n for n in ("o_proj", "dense", "out_proj") if n in names), "o_proj")
+    return Architecture(
+        model_class=type(model), tiny_config=None, lora_targets=tuple(lora_target_names(model)),
+        fan_in_fan_out=False, plain_head=False, mlp="swiglu" if swiglu else "gelu",
+        norm="rmsnorm" if rms else "layernorm", norms_per_block=max(1, len(norms)),
+        shared_inputs=(("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")),
+        attn_out_proj=out_proj)
 
 
 def meta_model(config):

@@ -214,3 +214,24 @@ def test_logging_window_evaluation_schedule_and_summary(prefs, tmp_path, capsys)
     window = sum(row["loss"] for row in history[5:]) / 5  # the mean of steps 6..10
     assert logged == pytest.approx(window, abs=1e-4)
     assert "done, 10 steps" in out and "held out at the end" in out and "wrote" in out
+
+
+def test_plan_takes_any_family_from_a_folder_or_a_config_json(tmp_path, capsys):
+    """A tiny Qwen2 saved to a folder and a Mistral config.json: planned offline, their blocks
+    read off the model (SwiGLU, RMSNorm), LoRA on peft's default targets."""
+    from transformers import MistralConfig, Qwen2Config, Qwen2ForCausalLM
+
+    sizes = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2)
+    Qwen2ForCausalLM(Qwen2Config(**sizes)).save_pretrained(tmp_path / "qwen2")
+    MistralConfig(**sizes).save_pretrained(tmp_path / "mistral")
+    plans = {}
+    for argv in (["plan", str(tmp_path / "qwen2")],
+                 ["plan", "--config-json", str(tmp_path / "mistral" / "config.json")],
+                 ["plan", str(tmp_path / "qwen2"), "--arch", "llama"]):
+        assert main([*argv, "--json", "--batch-pairs", "2", "--seq-len", "128"]) == 0
+        plans[argv[-1]] = json.loads(capsys.readouterr().out)
+    qwen2, mistral, as_llama = plans.values()
+    assert qwen2["total"] > 0 and qwen2["activations"] > 0
+    assert qwen2["weights"] == pytest.approx(mistral["weights"], rel=0.05)  # same sizes
+    assert as_llama["lora_parameters"] > qwen2["lora_parameters"]  # Llama's 7 targets, not 2

@@ -1,5 +1,6 @@
 """The memory planner: phi-2 facts, checkpointing, and the formula against what autograd saves."""
 
+import dataclasses
 from contextlib import nullcontext
 
 import pytest
@@ -21,6 +22,7 @@ from dpo_minimal.memory import (
     GIB,
     T4_USABLE_GIB,
     activation_bytes_per_token,
+    inferred_architecture,
     lora_targets,
     meta_model,
     plan_memory,
@@ -266,17 +268,19 @@ def test_smollm2_135m_plan_on_the_meta_device():
     assert plan["logits"] > plan["weights"]  # V = 49152: the logits, not the weights, dominate
 
 
-def test_an_unregistered_family_raises_and_names_the_planner_s_way_out():
+def test_an_unregistered_family_is_planned_from_its_own_blocks():
     qwen2 = Qwen2Config(vocab_size=1000, hidden_size=64, intermediate_size=128,
                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-    for call in (lambda: plan_memory(qwen2, batch_pairs=1, seq_len=64, dtype="bfloat16"),
-                 lambda: activation_bytes_per_token(qwen2, "bfloat16")):
-        with pytest.raises(ValueError, match=r"not model_type 'qwen2': pass arch=") as err:
-            call()
-        assert "target_modules" not in str(err.value)  # plan_memory has no such parameter
+    inferred = inferred_architecture(qwen2)
+    assert (inferred.mlp, inferred.norm, inferred.norms_per_block) == ("swiglu", "rmsnorm", 2)
+    assert inferred.lora_targets == ("q_proj", "v_proj")  # peft's defaults for qwen2
+    # Read off the model, it is planned as the Llama entry with those targets would plan it
+    like_llama = dataclasses.replace(ARCHITECTURES["llama"], lora_targets=inferred.lora_targets,
+                                     plain_head=False)
+    sizes = dict(batch_pairs=1, seq_len=64, dtype="bfloat16")
+    assert plan_memory(qwen2, **sizes) == plan_memory(qwen2, **sizes, arch=like_llama)
     # Qwen2's blocks are Llama's (with q, k, v biases): the Llama entry describes them
-    as_llama = plan_memory(qwen2, batch_pairs=1, seq_len=64, dtype="bfloat16",
-                           arch=ARCHITECTURES["llama"])
+    as_llama = plan_memory(qwen2, **sizes, arch=ARCHITECTURES["llama"])
     n_lora = 2 * 16 * ((64 + 64) + 2 * (64 + 32) + (64 + 64) + 3 * (64 + 128))
     assert as_llama["lora_parameters"] == pytest.approx(n_lora * 4 / GIB)
 
