@@ -7,8 +7,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "simpo", "unweighted")
+LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "simpo", "unweighted")  # dpo_loss's forms
 _NEEDS_LENGTHS = ("ipo", "simpo")
+_NO_REFERENCE = ("simpo",)  # its reward is the average log-likelihood itself
 
 
 def _check(tensors: dict, loss_type: str, beta: float, label_smoothing: float) -> None:
@@ -300,16 +301,18 @@ def _orpo_pairs(policy, reference, lengths, config):
     return losses, beta * average[:b], beta * average[b:]
 
 
+# Each loss's paper. The first six are dpo_loss's forms (LOSS_TYPES); KTO and ORPO have their
+# own functions and are adapted to pairs here.
+PAPERS = {"sigmoid": "DPO, arXiv 2305.18290 (Eq 7)", "robust": "robust DPO, arXiv 2403.00409",
+          "ipo": "IPO, arXiv 2310.12036", "hinge": "SLiC-HF, arXiv 2305.10425",
+          "simpo": "SimPO, arXiv 2405.14734",
+          "unweighted": "DPO's gradient without its weight (teaching only)",
+          "kto": "KTO, arXiv 2402.01306", "orpo": "ORPO, arXiv 2403.07691"}
 LOSSES = {
-    "sigmoid": PreferenceLoss(_dpo_family("sigmoid"), True, "DPO, arXiv 2305.18290 (Eq 7)"),
-    "robust": PreferenceLoss(_dpo_family("robust"), True, "robust DPO, arXiv 2403.00409"),
-    "ipo": PreferenceLoss(_dpo_family("ipo"), True, "IPO, arXiv 2310.12036"),
-    "hinge": PreferenceLoss(_dpo_family("hinge"), True, "SLiC-HF, arXiv 2305.10425"),
-    "simpo": PreferenceLoss(_dpo_family("simpo"), False, "SimPO, arXiv 2405.14734"),
-    "unweighted": PreferenceLoss(_dpo_family("unweighted"), True,
-                                 "DPO's gradient without its weight (teaching only)"),
-    "kto": PreferenceLoss(_kto_pairs, True, "KTO, arXiv 2402.01306"),
-    "orpo": PreferenceLoss(_orpo_pairs, False, "ORPO, arXiv 2403.07691"),
+    **{name: PreferenceLoss(_dpo_family(name), name not in _NO_REFERENCE, PAPERS[name])
+       for name in LOSS_TYPES},
+    "kto": PreferenceLoss(_kto_pairs, True, PAPERS["kto"]),
+    "orpo": PreferenceLoss(_orpo_pairs, False, PAPERS["orpo"]),
 }
 
 
