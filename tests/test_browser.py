@@ -61,21 +61,59 @@ SHOW_TAG = """{
     .closest("section"));
   Reveal.slide(at.h, at.v, 1000);
 }"""
-# Slides (h/v) where a derivation is wider than the slide even after slides.js zoomed it out.
-CUT_OFF = """() => {
-  const cut = [];
-  const leaves = [...document.querySelectorAll(".reveal .slides section")]
-    .filter(s => !s.querySelector("section") && s.querySelector(".dpo-derivation"));
-  for (const slide of leaves) {
+# Every slide with all its fragments shown: what spills over the 1280x720 slide (taller or
+# wider, a table or code block wider than its box, a formula past the slide's edge), its
+# heading, the smallest prose and the largest code font in screen pixels, and any zoom.
+MEASURE = """() => {
+  const scale = Reveal.getScale(), out = [];
+  const px = e => parseFloat(getComputedStyle(e).fontSize) * scale;
+  Reveal.getSlides().forEach((slide, index) => {
     const at = Reveal.getIndices(slide);
-    Reveal.slide(at.h, at.v, 1000);
-    slide.querySelectorAll(".dpo-derivation").forEach(box => {
-      const ends = [...box.querySelectorAll("svg")].map(s => s.getBoundingClientRect().right);
-      if (Math.max(...ends) > box.getBoundingClientRect().right + 1) cut.push(`${at.h}/${at.v}`);
+    Reveal.slide(at.h, at.v, slide.querySelectorAll(".fragment").length - 1);
+    const box = slide.getBoundingClientRect();
+    const shown = [...slide.querySelectorAll("*")].filter(e => !e.closest("aside"));
+    const spills = shown.filter(e => e.scrollWidth > e.clientWidth + 1
+      && getComputedStyle(e).overflowX !== "visible" && !e.tagName.startsWith("MJX-"));
+    const outside = shown.filter(e => e.tagName === "svg" || e.tagName === "IMG"
+      || e.tagName === "TABLE").filter(e => {
+        const r = e.getBoundingClientRect();
+        return r.right > box.right + 1 || r.bottom > box.bottom + 1;
+      });
+    const prose = shown.filter(e => ["P", "LI"].includes(e.tagName) && !e.closest("table")
+      && e.textContent.trim());
+    const code = shown.filter(e => e.tagName === "PRE");
+    const heading = slide.querySelector(":scope > h1, :scope > h2");
+    out.push({
+      index, kind: slide.dataset.kind, fragments: slide.querySelectorAll(".fragment").length,
+      tall: slide.scrollHeight > slide.clientHeight + 1 ? slide.scrollHeight : 0,
+      wide: slide.scrollWidth > slide.clientWidth + 1 ? slide.scrollWidth : 0,
+      spills: spills.map(e => e.tagName).concat(outside.map(e => e.tagName + " past the edge")),
+      heading: heading ? heading.textContent.trim() : "",
+      prose: prose.length ? Math.min(...prose.map(px)) : null,
+      code: code.length ? Math.max(...code.map(px)) : null,
+      maths: [...slide.querySelectorAll(".dpo-step-math mjx-container")].map(px),
+      zoomed: shown.filter(e => e.style.zoom || e.style.transform).length,
+      height: slide.scrollHeight,
+      text: [...slide.children].filter(e => e.tagName !== "ASIDE").map(e => e.textContent)
+        .join(" "),
+      before: slide.querySelector(".dpo-step") ? [...slide.children].filter(
+        e => !["H2", "ASIDE"].includes(e.tagName) && !e.classList.contains("dpo-derivation"))
+        .length : 0,
     });
-  }
-  return cut;
+  });
+  Reveal.slide(0, 0, -1);
+  return out;
 }"""
+STATE = """(() => {
+  const i = Reveal.getIndices();
+  return [i.h, i.v, i.f === undefined ? -1 : i.f];
+})()"""
+MIN_PROSE_PX = 28  # at 1280x720, on screen
+MAX_CODE_SLIDES = 3  # code only where it is the point (the loss, the DPO step)
+# What belongs to running a notebook, not to a lecture.
+OUT_OF_DECKS = re.compile(r"run time|pip install|NBVAL|Open in Colab|\bassert\b|import ",
+                          re.IGNORECASE)
+KEYS = ("ArrowRight", "Space", "PageDown")  # what a clicker may send: each must do the same
 WIDER_THAN_PAPER = """() => [...document.querySelectorAll(".dpo-derivation-math svg")]
   .filter(s => s.getBoundingClientRect().right > document.documentElement.clientWidth + 1).length"""
 FADE_MS = 400  # reveal.js fades a fragment in over 0.2 s: screenshots wait for it
@@ -114,33 +152,27 @@ def browser():
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """Decks of every notebook (given slide metadata) and of the synthetic one, and the sites."""
+    """Decks of every notebook and of the synthetic one, and the sites (with their decks)."""
     tmp = tmp_path_factory.mktemp("instructor")
-    copies = tmp / "notebooks"
-    copies.mkdir()
-    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
-        nb = nbformat.read(path, as_version=4)
-        slide_metadata.assign(nb)
-        nbformat.write(nb, copies / path.name)
     synthetic = synthetic_notebook()
     slide_metadata.assign(synthetic)
     nbformat.write(synthetic, tmp / "zz_synthetic.ipynb")
-
+    notebooks = sorted((ROOT / "notebooks").glob("*.ipynb"))
     slides = tmp / "slides"
-    build_slides.main([*map(str, sorted(copies.glob("*.ipynb"))),
-                       str(tmp / "zz_synthetic.ipynb"), "--out", str(slides)])
-    site = build_site.build(sorted((ROOT / "notebooks").glob("*.ipynb")), tmp / "site",
-                            ROOT / "README.md", ROOT / "figures")
+    build_slides.main([*map(str, notebooks), str(tmp / "zz_synthetic.ipynb"), "--out",
+                       str(slides)])
+    site = build_site.build(notebooks, tmp / "site", ROOT / "README.md", ROOT / "figures")
     (tmp / "no_figures").mkdir()
     synthetic_site = build_site.build([tmp / "zz_synthetic.ipynb"], tmp / "synthetic_site",
                                       ROOT / "README.md", tmp / "no_figures")
-    return {"copies": copies, "slides": slides, "site": site, "synthetic_site": synthetic_site,
-            "synthetic": tmp / "zz_synthetic.ipynb"}
+    sources = {p.stem: p for p in [*notebooks, tmp / "zz_synthetic.ipynb"]}
+    return {"slides": slides, "site": site, "synthetic_site": synthetic_site,
+            "synthetic": tmp / "zz_synthetic.ipynb", "sources": sources}
 
 
-def _open(browser, path: Path, ready: str, problems: list[str]):
+def _open(browser, path: Path, ready: str, problems: list[str], viewport: dict | None = None):
     """Open `path` from disk, recording every problem; abort any request that is not local."""
-    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    page = browser.new_page(viewport=viewport or {"width": 1280, "height": 720})
     page.route(lambda url: not LOCAL.match(url), lambda route: route.abort())
 
     def request(r):
@@ -183,43 +215,126 @@ def _show_one_slide(page) -> None:
       const leaves = [...document.querySelectorAll(".reveal .slides section")]
         .filter(s => !s.querySelector("section"));
       const pick = leaves.find(s => s.querySelector(".dpo-derivation"))
-        || leaves.find(s => s.querySelector(".jp-RenderedLatex"))
-        || leaves.find(s => s.querySelector(".jp-OutputArea-output img")) || leaves[0];
+        || leaves.find(s => s.querySelector(".dpo-maths"))
+        || leaves.find(s => s.querySelector(".dpo-figure img")) || leaves[0];
       const at = Reveal.getIndices(pick);
       Reveal.slide(at.h, at.v, 1000);
     }""")
     page.wait_for_timeout(FADE_MS)
 
 
+def _step_through(page) -> list[str]:
+    """Press the clicker's keys in turn from the first slide to the last: each press must show
+    the next fragment or, after a slide's last fragment, the next slide at its first."""
+    problems, state, presses = [], page.evaluate(STATE), 0
+    counts = page.evaluate("Reveal.getSlides().map(s => s.querySelectorAll('.fragment').length)")
+    seen = {(0, -1)}
+    while presses < 2000:
+        key = KEYS[presses % len(KEYS)]
+        page.keyboard.press(key)
+        presses += 1
+        after = page.evaluate(STATE)
+        h, _, f = state
+        wanted = [h, 0, f + 1] if f + 1 < counts[h] else [h + 1, 0, -1]
+        if after == state:
+            break
+        if after != wanted:
+            problems.append(f"{key} went from {state} to {after}, not to {wanted}")
+            break
+        seen.add((after[0], after[2]))
+        state = after
+    missed = [f"{h}/{f}" for h, n in enumerate(counts) for f in range(-1, n) if (h, f) not in seen]
+    if missed:
+        problems.append(f"never reached by the keys (slide/fragment): {missed[:8]}")
+    return problems
+
+
+def _check_slides(page, slides: list[dict], name: str) -> tuple[list[str], list[dict]]:
+    """Overflow, headings, font sizes, title and closing slides, what stays out of a deck."""
+    problems, measured = [], page.evaluate(MEASURE)
+    for m, slide in zip(measured, slides):
+        at = f"slide {m['index'] + 1} ({m['heading'][:40]!r})"
+        if m["tall"] or m["wide"] or m["spills"]:
+            problems.append(f"{at} overflows: {m['tall']} px tall, {m['wide']} px wide, "
+                            f"spilling {m['spills'][:3]}")
+        if not m["heading"]:
+            problems.append(f"{at} has no heading")
+        if m["prose"] is not None and m["prose"] < MIN_PROSE_PX:
+            problems.append(f"{at}: prose at {m['prose']:.1f} px")
+        if m["code"] is not None and m["prose"] is not None and m["code"] >= m["prose"]:
+            problems.append(f"{at}: code ({m['code']:.1f} px) larger than prose")
+        if any(px < MIN_PROSE_PX for px in m["maths"]) or m["zoomed"]:
+            problems.append(f"{at}: a derivation is scaled down ({min(m['maths'])} px)")
+        if m["before"]:
+            problems.append(f"{at}: something besides the derivation shows before its steps")
+        if OUT_OF_DECKS.search(m["text"].replace(name, "")):
+            problems.append(f"{at}: {OUT_OF_DECKS.search(m['text']).group(0)!r} on a slide")
+    kinds = [m["kind"] for m in measured]
+    closing = kinds[kinds.index("summary"):] if "summary" in kinds else []
+    if kinds[:2] != ["title", "outline"] or set(closing[1:]) != {"references"}:
+        problems.append(f"the deck opens with {kinds[:2]} and closes with {closing}")
+    if name != "zz_synthetic" and not {"motivation", "recap"} <= set(kinds):
+        problems.append("no motivating example or no recap of the key equations")
+    number = name.split("_")[0]
+    title = measured[0]["text"]
+    for wanted in ("Rafailov", "Finn", "2305.18290", f"Lecture {number.lstrip('0')}"):
+        if number.isdigit() and wanted not in title:
+            problems.append(f"the title slide does not name {wanted!r}")
+    if number.isdigit() and "2305.18290" not in measured[kinds.index("references")]["text"]:
+        problems.append("the references do not cite the DPO paper")
+    code = page.locator("pre.dpo-code").count()
+    if code > MAX_CODE_SLIDES or "plt." in page.evaluate("document.body.textContent"):
+        problems.append(f"{code} code slides (plotting code included?)")
+    return problems, measured
+
+
 def test_every_deck(browser, built):
-    started, report, tags_shot = time.perf_counter(), {}, set()
+    started, report, tags_shot, sizes = time.perf_counter(), {}, set(), []
     decks = sorted(built["slides"].glob("*.slides.html"))
     assert len(decks) == len(list((ROOT / "notebooks").glob("*.ipynb"))) + 1
     for deck in decks:
         name = deck.name.removesuffix(".slides.html")
-        source = built["synthetic"] if name == "zz_synthetic" else built["copies"] / f"{name}.ipynb"
+        nb = nbformat.read(built["sources"][name], as_version=4)
+        slides = build_slides.lecture(nb, name.split("_")[0])
         problems: list[str] = []
         page = _open(browser, deck, DECK_READY, problems)
         _check_maths(page, problems)
-        wanted = slide_metadata.expected_slides(nbformat.read(source, as_version=4))
         shown = page.evaluate("Reveal.getTotalSlides()")
-        if shown != wanted:
-            problems.append(f"{shown} slides, but the metadata asks for {wanted}")
-        problems += [f"a derivation is cut off at the slide's edge on slide {at}"
-                     for at in page.evaluate(CUT_OFF)]
+        if shown != len(slides):
+            problems.append(f"{shown} slides, but the lecture has {len(slides)}")
+        if page.locator(".slides > section > section").count():
+            problems.append("vertical stacks: the right arrow would skip them")
+        found, measured = _check_slides(page, slides, name)
+        problems += found
+        sizes += [(m["height"], m["prose"] or 99, name, m["index"]) for m in measured]
+        problems += _step_through(page)
         if name != "zz_synthetic":
-            _show_one_slide(page)
-            page.screenshot(path=_screenshot_dir() / f"slides_nb{name.split('_')[0]}.png")
-            for tag in page.evaluate(TAGS):  # the paper's numbered equations, first showing
-                if tag not in tags_shot and re.fullmatch(r"[\w.-]+", tag):
-                    tags_shot.add(tag)
-                    page.evaluate(f"tag => {SHOW_TAG}", tag)
-                    page.wait_for_timeout(FADE_MS)
-                    page.screenshot(path=_screenshot_dir() / f"slides_eq{tag}.png")
+            _screenshots(page, name, tags_shot)
         page.close()
         report[deck.name] = problems
-    print(f"{len(decks)} decks checked in {time.perf_counter() - started:.1f} s")
+    print(f"{len(decks)} decks, {len(sizes)} slides checked in "
+          f"{time.perf_counter() - started:.1f} s; tallest slide {max(sizes)[:1]} px, "
+          f"smallest prose {min(s[1] for s in sizes):.1f} px")
+    for deck, problems in report.items():
+        print("\n".join(f"{deck}: {problem}" for problem in problems))
     assert not any(report.values()), {k: v for k, v in report.items() if v}
+
+
+def _screenshots(page, name: str, tags_shot: set) -> None:
+    """The deck's title slide, its first derivation (all steps shown), the paper's equations."""
+    folder = _screenshot_dir()
+    number = name.split("_")[0]
+    page.evaluate("Reveal.slide(0, 0, -1)")
+    page.wait_for_timeout(FADE_MS)
+    page.screenshot(path=folder / f"slides_nb{number}_title.png")
+    _show_one_slide(page)
+    page.screenshot(path=folder / f"slides_nb{number}.png")
+    for tag in page.evaluate(TAGS):  # the paper's numbered equations, first showing
+        if tag not in tags_shot and re.fullmatch(r"[\w.-]+", tag):
+            tags_shot.add(tag)
+            page.evaluate(f"tag => {SHOW_TAG}", tag)
+            page.wait_for_timeout(FADE_MS)
+            page.screenshot(path=folder / f"slides_eq{tag}.png")
 
 
 def test_every_site_page(browser, built):

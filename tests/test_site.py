@@ -103,13 +103,56 @@ def test_check_fails_without_metadata_and_passes_with_it(tmp_path, capsys):
 
 def test_derivation_becomes_one_fragment_per_step():
     html = build_slides.fragments_html(STEPS)
-    steps = re.findall(r'<div class="dpo-step fragment" data-step="(\d)"[^>]*>(.*?)</div>', html)
-    assert [n for n, _ in steps] == ["1", "2", "3"]
+    steps = re.findall(r'<div class="dpo-step fragment" data-step="(\d)"[^>]*>'
+                       r'<div class="dpo-step-math">(.*?)</div><div class="dpo-step-why">(.*?)'
+                       r"</div></div>", html)
+    assert [n for n, _, _ in steps] == ["1", "2", "3"]
     assert html.count('data-tag="1"') == 1  # the step with \tag{1}, for its screenshot
-    assert all(s.startswith(r"\begin{align*}") and s.endswith(r"\end{align*}") for _, s in steps)
+    assert all(s.startswith(r"\begin{align*}") and s.endswith(r"\end{align*}")
+               for _, s, _ in steps)
     assert r"\tag{1}" in steps[0][1] and "&amp;=" in steps[1][1]  # escaped for HTML
-    # later steps carry the first step's left side, invisible, so the = signs line up
-    assert steps[1][1].startswith(r"\begin{align*} \phantom{p^*(y_1 \succ y_2 \mid x)}")
+    # the reason sits beside the maths, as words that wrap and maths that MathJax typesets
+    assert steps[0][2] == "Bradley-Terry" and steps[1][2] == r"divide by \(e^{r_1}\)"
+    assert "&&" not in html
+
+
+def test_long_exponents_become_exp_and_wide_lines_break():
+    assert build_slides.exp_form(r"e^{\frac{r}{\beta}} + e^{x}") == (
+        r"\exp\left(\frac{r}{\beta}\right) + e^{x}")
+    assert build_slides.exp_form(r"e^{a + e^{\frac{1}{2}}}") == (
+        r"\exp\left(a + \exp\left(\frac{1}{2}\right)\right)")
+    rhs = " + ".join([r"\pi_{1} \left(r_{1} - \beta \log{\left(\frac{\pi_{1}}{q_{1}}\right)}"
+                      r"\right)"] * 4)
+    lines = build_slides.break_lines("L", "= " + rhs)
+    assert len(lines) > 1 and all(build_slides.tex_width(x) <= build_slides.MATH_EMS
+                                  for x in lines[1:])
+    # a sum inside one pair of parentheses breaks too, with parentheses that may span lines
+    inner = build_slides.break_lines("L", r"= -\log\left(" + rhs + r"\right)")
+    assert len(inner) > 1 and r"\bigl(" in inner[0] or r"\Bigl(" in inner[0]
+    wide = r"= \frac{1}{" + " + ".join([r"\exp\left(\beta \log{\left(a_{1} b_{2}\right)}"
+                                         r"\right)"] * 4) + "}"
+    assert r"\splitdfrac" in build_slides.split_fraction(wide, 20)
+
+
+def test_lecture_structure_notes_and_what_stays_out():
+    nb = synthetic_notebook()
+    long = ("This first sentence stays on the slide. " + "The rest is detail. " * 20).strip()
+    nb.cells.insert(3, new_markdown_cell(long))
+    nb.cells.insert(4, new_code_cell("assert 1 == 1\nprint('checked')", outputs=[
+        new_output("stream", name="stdout", text="checked\n")]))
+    slides = build_slides.lecture(nb, "99")
+    kinds = [s["kind"] for s in slides]
+    assert kinds[:2] == ["title", "outline"] and kinds[-2:] == ["summary", "references"]
+    assert "Lecture 99" in slides[0]["parts"][0] and "2305.18290" in slides[0]["parts"][0]
+    assert all(s["title"] for s in slides)
+    text = "\n".join(p for s in slides for p in s["parts"])
+    notes = "\n".join(n for s in slides for n in s["notes"])
+    assert "This first sentence stays on the slide." in text and "detail" not in text
+    assert "The rest is detail." in notes  # the full paragraph is in the speaker notes
+    assert "checked" not in text  # a check cell and its output stay out
+    assert "x19 = 19" not in text  # code is hidden unless the plan names it
+    derivation = [s for s in slides if s["kind"] == "derivation"]
+    assert len(derivation) == 1 and len(derivation[0]["parts"]) == 1  # nothing before it
 
 
 def test_bad_derivation_metadata_is_a_clear_error():
@@ -144,13 +187,18 @@ def test_deck_is_offline_and_has_fragments(tmp_path):
     assert "a warning" not in html and "p = 0.73" in html  # stderr dropped, stdout kept
     assert "x = 1" not in html  # the solution is skipped
     assert "NBVAL_SKIP" not in html and "colab-badge.svg" not in html
-    assert html.count("<section") == 5 + 2  # five slides, in two horizontal stacks
+    # one flat row of slides: the right arrow reaches every one
+    assert html.count("<section") == len(build_slides.lecture(nb, "99"))
+    assert "<section" not in html.split("<section", 2)[-1].split("</section>")[0]
 
 
-def test_deck_needs_slide_metadata(tmp_path):
-    path = write(synthetic_notebook(), tmp_path / "nb.ipynb")
-    with pytest.raises(SystemExit, match="slide_metadata.py"):
-        build_slides.build_deck(path, tmp_path)
+def test_a_cell_marked_skip_stays_out_of_the_deck(tmp_path):
+    nb = synthetic_notebook()
+    slide_metadata.assign(nb)
+    nb.cells[5].metadata["slideshow"]["slide_type"] = "skip"  # set by hand
+    path = write(nb, tmp_path / "99_synthetic.ipynb")
+    html = build_slides.build_deck(path, tmp_path).read_text()
+    assert "p = 0.73" not in html
 
 
 def _pager(html: str) -> dict:
