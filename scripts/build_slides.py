@@ -450,8 +450,8 @@ def _masked(text: str) -> str:
 
 
 def shortened(text: str, limit: int = SHORT) -> str | None:
-    """What of a paragraph stays on a slide: all of it if short, else its first sentence or its
-    bold lead-in, else nothing (it all goes to the notes)."""
+    """What of a paragraph stays on a slide: all of it if short, else its first sentence, its
+    bold lead-in or its first clauses, else nothing (it all goes to the notes)."""
     original, text = text, " ".join(text.split())
     if len(text) <= limit:
         return original  # its line breaks kept: a $$ display on its own line stays one
@@ -459,7 +459,10 @@ def shortened(text: str, limit: int = SHORT) -> str | None:
     if end and end.end() <= limit:
         return text[:end.end()]
     lead = re.match(r"\*\*[^*]+\*\*", text)
-    return lead.group(0) if lead else None
+    if lead and len(lead.group(0)) > 30:
+        return lead.group(0)
+    clause = [m.start() for m in re.finditer(r"[;,]\s", _masked(text)) if m.start() <= limit]
+    return text[:clause[-1]] + " …" if clause and clause[-1] > limit // 3 else None
 
 
 def _lines(text: str, per_line: int = CHARS_PER_LINE) -> int:
@@ -505,7 +508,8 @@ def prose_block(block: str) -> tuple[str, int, str]:
         items = list_items(block)
         kept = [shortened(item, SHORT - 40) or "" for item in items]
         full = any(k != i for k, i in zip(kept, items))
-        body = md("\n".join(f"- {k}" for k in kept if k))
+        marker = LIST_ITEM.match(first).group(0)
+        body = md("\n".join(f"{marker}{k}" for k in kept if k))
         height = sum(_lines(k, CHARS_PER_LINE - 4) * PROSE_LINE + 8 for k in kept if k)
         return body, height, md(block) if full else ""
     kept = shortened(block)
@@ -585,6 +589,10 @@ def add_markdown(deck: Deck, source: str) -> None:
             deck.new()
         elif CHECK_PROSE.search(block):
             continue
+        elif LIST_ITEM.match(block.lstrip()):
+            markers = [m.group(0) for m in map(LIST_ITEM.match, block.splitlines()) if m]
+            for marker, item in zip(markers, list_items(block)):  # a long list continues
+                deck.add(*prose_block(f"{marker}{item}"))  # overleaf, item by item
         else:
             deck.add(*prose_block(block))
 
@@ -632,13 +640,15 @@ def add_code(deck: Deck, cell, patterns: list[str]) -> None:
 
 def title_cell(nb) -> tuple[str, str]:
     """The lecture's title (the first "# " heading without its number) and the rest of that
-    cell, minus the lines about running the notebook."""
+    cell, minus the paragraphs about running the notebook (hardware, run time, Colab)."""
     source = nb.cells[0].source if nb.cells else ""
-    title, rest = "", []
+    title, rest, skipping = "", [], False
     for line in source.splitlines():
+        if line.startswith(("**", "#")):  # a new paragraph: is it about running the notebook?
+            skipping = bool(RUN_INFO.search(line))
         if line.startswith("# ") and not title:
             title = re.sub(r"^\d+\s*[·.:-]\s*", "", line[2:].strip())
-        elif not RUN_INFO.search(line):
+        elif not skipping and not RUN_INFO.search(line):
             rest.append(line)
     return title, "\n".join(rest)
 

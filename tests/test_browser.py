@@ -26,6 +26,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import nbformat
 import pytest
@@ -116,6 +117,31 @@ OUT_OF_DECKS = re.compile(r"run time|pip install|NBVAL|Open in Colab|\bassert\b|
 KEYS = ("ArrowRight", "Space", "PageDown")  # what a clicker may send: each must do the same
 WIDER_THAN_PAPER = """() => [...document.querySelectorAll(".dpo-derivation-math svg")]
   .filter(s => s.getBoundingClientRect().right > document.documentElement.clientWidth + 1).length"""
+# Formulas that print smaller than MathJax set them (a max-width squeezing the svg).
+SHRUNK = """() => [...document.querySelectorAll(".dpo-derivation-math svg[width$='ex']")]
+  .filter(s => s.getBoundingClientRect().width < 0.99 * s.width.baseVal.value).length"""
+SMALLEST_TEXT = """() => Math.min(...[...document.querySelectorAll(".dpo-content p, .dpo-step-why")]
+  .map(e => parseFloat(getComputedStyle(e).fontSize)))"""
+LOCAL_LINKS = "[...document.links].map(a => a.href).filter(h => h.startsWith('file:'))"
+SIDEBAR = """() => {
+  const side = document.querySelector("nav.dpo-sidebar");
+  const links = side ? [...side.querySelectorAll("a")].map(a => a.getAttribute("href")) : [];
+  const main = document.querySelector("main");
+  const firstHeading = main && main.querySelector("h2");
+  const firstCode = main && main.querySelector(".jp-CodeCell");
+  return {
+    paper: links.includes("https://arxiv.org/abs/2305.18290"),
+    repo: links.some(l => l.startsWith("https://github.com/")),
+    decks: links.filter(l => l.endsWith(".slides.html")).length,
+    this_deck: !!(side && side.querySelector("a.dpo-this-deck")),
+    toc: side ? side.querySelectorAll(".dpo-toc a").length : 0,
+    headings: main ? main.querySelectorAll("h2[id], h3[id]").length : 0,
+    code_before_lesson: !!(firstCode && firstHeading
+      && firstCode.compareDocumentPosition(firstHeading) & Node.DOCUMENT_POSITION_FOLLOWING),
+    table_maths: document.querySelectorAll("table.dpo-notebooks mjx-container").length,
+  };
+}"""
+PHONE_WIDTH = 390
 FADE_MS = 400  # reveal.js fades a fragment in over 0.2 s: screenshots wait for it
 MATH_ERRORS = """() => [...document.querySelectorAll('mjx-merror, [data-mml-node="merror"]')]
   .map(e => e.getAttribute("data-mjx-error") || e.textContent)"""
@@ -337,32 +363,77 @@ def _screenshots(page, name: str, tags_shot: set) -> None:
             page.screenshot(path=folder / f"slides_eq{tag}.png")
 
 
+def _check_page(page, path: Path) -> list[str]:
+    """Sidebar, page contents, links, where the page starts, and the home table's maths."""
+    problems = []
+    missing = [href for href in page.evaluate(LOCAL_LINKS)
+               if not Path(unquote(urlparse(href).path)).is_file()]
+    problems += [f"a link leads nowhere: {href}" for href in missing[:5]]
+    side = page.evaluate(SIDEBAR)
+    if not side["paper"] or not side["repo"] or side["decks"] < 1:
+        problems.append(f"the sidebar lacks the paper, the repository or the decks: {side}")
+    if path.name == "index.html" and path.parent.name == "site" and not side["table_maths"]:
+        problems.append("the home table has no typeset maths")
+    if path.stem[:2].isdigit():
+        if side["toc"] != side["headings"] or not side["toc"]:
+            problems.append(f"contents list {side['toc']} entries for {side['headings']} headings")
+        if side["code_before_lesson"]:
+            problems.append("the page opens on set-up code, not on the lesson")
+        if not side["this_deck"]:
+            problems.append("no link to this lecture's slides")
+    return problems
+
+
+def _check_phone(page) -> list[str]:
+    page.set_viewport_size({"width": PHONE_WIDTH, "height": 844})
+    width = page.evaluate("document.documentElement.scrollWidth")
+    return [f"{width} px wide on a {PHONE_WIDTH} px phone"] if width > PHONE_WIDTH + 1 else []
+
+
+def _check_print(page) -> list[str]:
+    """The handout on A4 paper (182 mm between the margins): nothing wider than the paper,
+    nothing shrunk to fit, text at a readable size."""
+    page.emulate_media(media="print")
+    page.set_viewport_size({"width": 688, "height": 1000})
+    problems = []
+    wide = page.evaluate(WIDER_THAN_PAPER)
+    if wide:
+        problems.append(f"{wide} handout formulas are wider than the printed page")
+    shrunk = page.evaluate(SHRUNK)
+    if shrunk:
+        problems.append(f"{shrunk} handout formulas are shrunk below their size")
+    smallest = page.evaluate(SMALLEST_TEXT)
+    if smallest < 13:  # 10 pt
+        problems.append(f"handout text at {smallest} px")
+    return problems
+
+
 def test_every_site_page(browser, built):
     started, report = time.perf_counter(), {}
     pages = [*built["site"], *built["synthetic_site"]]
     for path in pages:
         problems: list[str] = []
-        page = _open(browser, path, READY, problems)
+        page = _open(browser, path, READY, problems, {"width": 1280, "height": 800})
         # Notebook pages and a handout with derivations must show typeset maths; every page
         # must have no untypeset TeX.
         empty_handout = path.name == "handout.html" and "No notebook displays" in page.content()
         _check_maths(page, problems, present=path.name not in ("index.html", "figures.html")
                      and not empty_handout)
-        if path.name == "handout.html":  # on A4 paper (182 mm between the margins)
-            page.emulate_media(media="print")
-            page.set_viewport_size({"width": 688, "height": 1000})
-            wide = page.evaluate(WIDER_THAN_PAPER)
-            if wide:
-                problems.append(f"{wide} handout formulas are wider than the printed page")
+        problems += _check_page(page, path)
         if path.name == "index.html" and path.parent.name == "site":
             page.screenshot(path=_screenshot_dir() / "site_home.png")
         if path.name == "figures.html":
             broken = page.evaluate("[...document.images].filter(i => !i.naturalWidth).length")
             if broken:
                 problems.append(f"{broken} figures did not load")
+        problems += _check_phone(page)
+        if path.name == "handout.html":
+            problems += _check_print(page)
         page.close()
         report[f"{path.parent.name}/{path.name}"] = problems
     print(f"{len(pages)} site pages checked in {time.perf_counter() - started:.1f} s")
+    for name, problems in report.items():
+        print("\n".join(f"{name}: {problem}" for problem in problems))
     assert not any(report.values()), {k: v for k, v in report.items() if v}
 
 
@@ -380,9 +451,10 @@ def test_derivation_steps_appear_one_click_at_a_time(browser, built):
         page.evaluate("Reveal.nextFragment()")
         assert page.evaluate(visible) == shown
         step = page.locator(f'.dpo-step[data-step="{shown}"]')
-        assert step.locator("mjx-container").count() == 1  # one typeset align* per step
+        assert step.locator(".dpo-step-math mjx-container").count() == 1  # one align* a step
     assert "(1)" in page.locator('.dpo-step[data-step="1"]').inner_text()  # \tag{1} typeset
     handout = built["synthetic_site"][0].parent / "handout.html"
     handout_page = _open(browser, handout, READY, problems)
-    assert handout_page.locator(".dpo-derivation-block mjx-container").count() == 1
+    assert handout_page.locator(".dpo-derivation-block .dpo-step-math mjx-container").count() \
+        == len(STEPS)
     assert not problems, problems

@@ -128,7 +128,7 @@ def test_long_exponents_become_exp_and_wide_lines_break():
                                   for x in lines[1:])
     # a sum inside one pair of parentheses breaks too, with parentheses that may span lines
     inner = build_slides.break_lines("L", r"= -\log\left(" + rhs + r"\right)")
-    assert len(inner) > 1 and r"\bigl(" in inner[0] or r"\Bigl(" in inner[0]
+    assert len(inner) > 1 and (r"\bigl(" in inner[0] or r"\Bigl(" in inner[0])
     wide = r"= \frac{1}{" + " + ".join([r"\exp\left(\beta \log{\left(a_{1} b_{2}\right)}"
                                          r"\right)"] * 4) + "}"
     assert r"\splitdfrac" in build_slides.split_fraction(wide, 20)
@@ -207,31 +207,46 @@ def _pager(html: str) -> dict:
 
 
 def test_site_pages_navigation_and_handout(tmp_path):
-    first = write(synthetic_notebook(), tmp_path / "01_first.ipynb")
+    # numbers without a lecture plan: the home table takes the README's goal
+    first = write(synthetic_notebook(), tmp_path / "91_first.ipynb")
     second_nb = synthetic_notebook()
-    second_nb.cells[0].source = "# 02 · The second one"
-    second = write(second_nb, tmp_path / "02_second.ipynb")
+    second_nb.cells[0].source = "# 92 · The second one"
+    second = write(second_nb, tmp_path / "92_second.ipynb")
     readme = tmp_path / "README.md"
     readme.write_text("# c\n\nIntro **text**.\n\n| # | notebook | goal | hardware | run time |\n"
                       "|---|---|---|---|---|\n"
-                      "| 01 | [First](notebooks/01_first.ipynb) | Learn *BT* | CPU | 1 s |\n")
+                      "| 91 | [First](notebooks/91_first.ipynb) | Learn *BT* | CPU | 1 s |\n")
     (tmp_path / "figures").mkdir()
-    pages = build_site.build([first, second], tmp_path / "site", readme, tmp_path / "figures")
+    site = tmp_path / "site"
+    pages = build_site.build([first, second], site, readme, tmp_path / "figures")
     names = sorted(p.name for p in pages)
-    assert names == ["01_first.html", "02_second.html", "figures.html", "handout.html",
+    assert names == ["91_first.html", "92_second.html", "figures.html", "handout.html",
                      "index.html"]
     for page in pages:
-        _assert_offline(page.read_text(), tmp_path / "site")
-    home = (tmp_path / "site" / "index.html").read_text()
-    assert "Learn <em>BT</em>" in home and 'href="02_second.html">The second one' in home
-    one = (tmp_path / "site" / "01_first.html").read_text()
-    assert _pager(one) == {"next": "02_second.html"}
-    assert _pager((tmp_path / "site" / "02_second.html").read_text()) == {"prev": "01_first.html"}
+        _assert_offline(page.read_text(), site)
+    home = (site / "index.html").read_text()
+    assert "Learn <em>BT</em>" in home and 'href="92_second.html">The second one' in home
+    one = (site / "91_first.html").read_text()
+    assert _pager(one) == {"next": "92_second.html"}
+    assert _pager((site / "92_second.html").read_text()) == {"prev": "91_first.html"}
     assert "a warning" in one  # the site shows every committed output
-    handout = (tmp_path / "site" / "handout.html").read_text()
+    assert "IN_COLAB" not in one  # the page starts at the lesson, not at the set-up cell
+    sidebar = BeautifulSoup(one, "html.parser").select_one("nav.dpo-sidebar")
+    links = {a["href"] for a in sidebar.select("a")}
+    assert {"https://arxiv.org/abs/2305.18290", "slides/91_first.slides.html",
+            "slides/92_second.slides.html", "handout.html"} <= links
+    assert any(link.startswith("https://github.com/") for link in links)
+    toc = [a.get_text() for a in sidebar.select(".dpo-toc a")]
+    assert toc == ["1. Bradley-Terry", "Numbers"]  # this page's own contents
+    for link in links:  # every local link resolves
+        if not link.startswith(("http", "#")):
+            assert (site / link).is_file(), link
+    handout = (site / "handout.html").read_text()
     assert handout.count('class="dpo-derivation-block"') == 2
-    assert r"\qquad (1)" in handout and "<h3>1. Bradley-Terry</h3>" in handout
-    assert "@media print" in (tmp_path / "site" / "_static" / "course.css").read_text()
+    assert handout.count("<h3>1. Bradley-Terry</h3>") == 2  # once per notebook, not per step
+    assert r"\tag{1}" in handout and 'class="dpo-step-why">Bradley-Terry<' in handout
+    assert handout.count('class="dpo-context"') == 2  # one sentence of context each
+    assert "@media print" in (site / "_static" / "course.css").read_text()
 
 
 def test_readme_table_of_this_repository_names_every_notebook():
