@@ -75,11 +75,12 @@ SHORT = 190  # characters of prose that stay on a slide; a longer paragraph show
 MATH_EMS = 25.0
 STEPS_PER_SLIDE = 4
 REFS_PER_SLIDE = 4
+ORPHAN = 60  # characters: a lead-in this short does not get a slide of its own
 DISPLAY_EMS = 38.0  # a displayed formula in prose: the slide's whole width
 # Title-cell lines that are about running the notebook, not about the lecture.
 RUN_INFO = re.compile(r"^\*\*(Run time|Hardware|How to read)|colab", re.IGNORECASE)
 # Prose about the notebook's own checks and test runs: not lecture material.
-CHECK_PROSE = re.compile(r"\bnbval\b|\bassert|\btests?/", re.IGNORECASE)
+CHECK_PROSE = re.compile(r"\bnbval\b|\bassert|\btests?/|^\*\*Check\b", re.IGNORECASE)
 TIMING = re.compile(r"run time|perf_counter|get_num_threads")
 
 
@@ -550,6 +551,16 @@ class Deck:
         if notes:
             slide["notes"].append(notes)
 
+    def orphan(self) -> list[str]:
+        """A slide with only a one-line lead-in ("Now solve.") before a derivation is taken
+        out; its line becomes a speaker note of the derivation."""
+        slide = self.slides[-1] if self.slides else None
+        if (slide and slide["kind"] == "content" and len(slide["parts"]) == 1
+                and len(re.sub(r"<[^>]+>", "", slide["parts"][0])) <= ORPHAN):
+            self.slides.pop()
+            return slide["parts"] + slide["notes"]
+        return []
+
     def note(self, notes: str) -> None:
         (self.slides[-1] if self.slides else self.new())["notes"].append(notes)
 
@@ -601,8 +612,10 @@ def add_output(deck: Deck, output, check: bool) -> None:
     data = output.get("data", {})
     steps = derivation_steps(output)
     if steps:
+        lead_in = deck.orphan()
         for chunk in derivation_chunks(steps):
             deck.new("derivation")["parts"].append(chunk)
+        deck.slides[-1]["notes"] += lead_in
     elif any(k.startswith("image/png") for k in data):
         img = f'<img src="data:image/png;base64,{data["image/png"].strip()}" alt="">'
         deck.new("figure")["parts"].append(f'<figure class="dpo-figure">{img}</figure>')

@@ -2,18 +2,33 @@
 
 For each deck and page: every formula is typeset (MathJax output present, no MathJax error, no
 raw TeX such as $$, \\frac or \\begin{align*} left in the text a reader sees), no request goes
-anywhere but file:// (or localhost), the console has no error, no local file is missing, and a
-deck has exactly as many slides as its cells' metadata asks for and no derivation runs off the
-edge of its slide. A derivation's steps appear one per click.
+anywhere but file:// (or localhost), the console has no error and no local file is missing.
+
+Each real deck is shown at 1280x720, as projected, and:
+- stepped from its first slide to its last with the keys a clicker sends (right arrow, Space,
+  PageDown, in turn): each press must show the next derivation step or the next slide, and
+  every slide and every fragment must be reached; there are no vertical stacks to skip;
+- every slide, all its steps shown, must fit the screen: not taller, not wider, no table,
+  code block or formula spilling past the edge;
+- every slide has a heading; prose is at least 28 px on screen and code smaller than prose;
+  no derivation is scaled down; nothing but the derivation shows before its first step;
+- the deck opens with a title slide (the lecture number, the DPO paper and its authors) and
+  an outline, has a motivating example and a recap, and closes with a summary and the
+  references; it shows at most a few code slides, no plotting code, and no run times, set-up
+  or checks.
+
+Each site page is checked at 1280x800 and at phone width (390 px: nothing wider than the
+screen): its sidebar links the paper, the repository and the decks, every local link leads to
+a file, a notebook page lists its own contents and starts at the lesson, the home table's goals
+have typeset maths, and the handout on A4 paper has no formula wider than the page or shrunk.
 
 Screenshots go to DPO_COURSE_SCREENSHOTS (default build/screenshots; `make screenshots` writes
 them into figures/ for the README): one slide per deck (slides_nbNN.png), the first slide that
-shows each of the paper's numbered equations (slides_eqN.png, from a step's \\tag{N}), and the
-home page (site_home.png).
+shows each of the paper's numbered equations (slides_eqN.png, from a step's \\tag{N}), deck
+02's title slide (slides_title.png) and the home page (site_home.png).
 
-Decks are built from copies of notebooks/ given slide metadata by scripts/slide_metadata.py (it
-keeps any metadata already there), plus tests/test_site.py's synthetic notebook for the
-derivation contract; the site is built from notebooks/ as they are.
+Decks and sites are built from notebooks/ as they are, plus tests/test_site.py's synthetic
+notebook for the derivation contract.
 
 Playwright drives the browser: its request, console and page-error events and its request
 routing make these checks a few lines each, and it launches the system's /usr/bin/chromium
@@ -142,6 +157,7 @@ SIDEBAR = """() => {
   };
 }"""
 PHONE_WIDTH = 390
+README_DECK = "02"  # the deck whose title slide the README shows
 FADE_MS = 400  # reveal.js fades a fragment in over 0.2 s: screenshots wait for it
 MATH_ERRORS = """() => [...document.querySelectorAll('mjx-merror, [data-mml-node="merror"]')]
   .map(e => e.getAttribute("data-mjx-error") || e.textContent)"""
@@ -347,12 +363,14 @@ def test_every_deck(browser, built):
 
 
 def _screenshots(page, name: str, tags_shot: set) -> None:
-    """The deck's title slide, its first derivation (all steps shown), the paper's equations."""
+    """The deck's first derivation (all steps shown), the first slide of each of the paper's
+    equations, and the README deck's title slide."""
     folder = _screenshot_dir()
     number = name.split("_")[0]
-    page.evaluate("Reveal.slide(0, 0, -1)")
-    page.wait_for_timeout(FADE_MS)
-    page.screenshot(path=folder / f"slides_nb{number}_title.png")
+    if number == README_DECK:
+        page.evaluate("Reveal.slide(0, 0, -1)")
+        page.wait_for_timeout(FADE_MS)
+        page.screenshot(path=folder / "slides_title.png")
     _show_one_slide(page)
     page.screenshot(path=folder / f"slides_nb{number}.png")
     for tag in page.evaluate(TAGS):  # the paper's numbered equations, first showing
