@@ -108,7 +108,9 @@ MEASURE = """() => {
       prose: prose.length ? Math.min(...prose.map(px)) : null,
       code: code.length ? Math.max(...code.map(px)) : null,
       maths: [...slide.querySelectorAll(".dpo-step-math mjx-container")].map(px),
-      zoomed: shown.filter(e => e.style.zoom || e.style.transform).length,
+      zoomed: [...slide.querySelectorAll(".dpo-derivation, .dpo-derivation *")].filter(
+        e => !e.closest("svg") && (getComputedStyle(e).zoom !== "1"
+          || getComputedStyle(e).transform !== "none")).length,
       height: slide.scrollHeight,
       text: [...slide.children].filter(e => e.tagName !== "ASIDE").map(e => e.textContent)
         .join(" "),
@@ -126,6 +128,9 @@ STATE = """(() => {
 })()"""
 MIN_PROSE_PX = 28  # at 1280x720, on screen
 MAX_CODE_SLIDES = 3  # code only where it is the point (the loss, the DPO step)
+MIN_NOTES = 3  # slides with speaker notes in a real deck: the prose that would crowd slides
+# A fraction in an exponent typesets tiny: a deck writes such an exponent as exp(...).
+TINY_EXPONENT = re.compile(r"(?<![\\A-Za-z])e\^\{[^}]*\\frac")
 # What belongs to running a notebook, not to a lecture.
 OUT_OF_DECKS = re.compile(r"run time|pip install|NBVAL|Open in Colab|\bassert\b|import ",
                           re.IGNORECASE)
@@ -294,6 +299,7 @@ def _step_through(page) -> list[str]:
 def _check_slides(page, slides: list[dict], name: str) -> tuple[list[str], list[dict]]:
     """Overflow, headings, font sizes, title and closing slides, what stays out of a deck."""
     problems, measured = [], page.evaluate(MEASURE)
+    prose = min((m["prose"] for m in measured if m["prose"]), default=MIN_PROSE_PX)
     for m, slide in zip(measured, slides):
         at = f"slide {m['index'] + 1} ({m['heading'][:40]!r})"
         if m["tall"] or m["wide"] or m["spills"]:
@@ -303,8 +309,8 @@ def _check_slides(page, slides: list[dict], name: str) -> tuple[list[str], list[
             problems.append(f"{at} has no heading")
         if m["prose"] is not None and m["prose"] < MIN_PROSE_PX:
             problems.append(f"{at}: prose at {m['prose']:.1f} px")
-        if m["code"] is not None and m["prose"] is not None and m["code"] >= m["prose"]:
-            problems.append(f"{at}: code ({m['code']:.1f} px) larger than prose")
+        if m["code"] is not None and m["code"] >= prose:
+            problems.append(f"{at}: code ({m['code']:.1f} px) as large as prose ({prose:.1f} px)")
         if any(px < MIN_PROSE_PX for px in m["maths"]) or m["zoomed"]:
             problems.append(f"{at}: a derivation is scaled down ({min(m['maths'])} px)")
         if m["before"]:
@@ -324,6 +330,8 @@ def _check_slides(page, slides: list[dict], name: str) -> tuple[list[str], list[
             problems.append(f"the title slide does not name {wanted!r}")
     if number.isdigit() and "2305.18290" not in measured[kinds.index("references")]["text"]:
         problems.append("the references do not cite the DPO paper")
+    if name != "zz_synthetic" and page.locator("aside.notes").count() < MIN_NOTES:
+        problems.append("hardly any speaker notes")
     code = page.locator("pre.dpo-code").count()
     if code > MAX_CODE_SLIDES or "plt." in page.evaluate("document.body.textContent"):
         problems.append(f"{code} code slides (plotting code included?)")
@@ -346,6 +354,8 @@ def test_every_deck(browser, built):
             problems.append(f"{shown} slides, but the lecture has {len(slides)}")
         if page.locator(".slides > section > section").count():
             problems.append("vertical stacks: the right arrow would skip them")
+        if TINY_EXPONENT.search(deck.read_text(encoding="utf-8")):
+            problems.append("a fraction in an exponent: write it as exp(...)")
         found, measured = _check_slides(page, slides, name)
         problems += found
         sizes += [(m["height"], m["prose"] or 99, name, m["index"]) for m in measured]
