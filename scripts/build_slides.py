@@ -68,7 +68,7 @@ WIDGET_NOTE = ('<p class="dpo-widget-note">An interactive control stands here: r
 # heading, and the height of one line of prose, of a list item and of code.
 ROOM = 540
 PROSE_LINE, CHARS_PER_LINE = 40, 68
-CODE_LINE, CODE_LINES, CODE_COLUMNS = 27, 19, 84
+CODE_LINE, CODE_COLUMNS = 27, 84
 TABLE_CHARS = 700  # characters of a table that fit on a slide at 22 px
 SHORT = 190  # characters of prose that stay on a slide; a longer paragraph shows a sentence
 # A derivation step's maths column, in ems of the maths font (deck.css), and its rows' heights.
@@ -609,6 +609,8 @@ def add_markdown(deck: Deck, source: str) -> None:
 
 
 def add_output(deck: Deck, output, check: bool) -> None:
+    """One output: a derivation or a figure gets slides of its own; a check's printout stays
+    out; a formula, a table or a printout joins the current slide if it fits."""
     data = output.get("data", {})
     steps = derivation_steps(output)
     if steps:
@@ -624,18 +626,27 @@ def add_output(deck: Deck, output, check: bool) -> None:
     elif "text/latex" in data:
         deck.add(f'<div class="dpo-maths">{html.escape(data["text/latex"])}</div>', 110)
     elif "text/html" in data or "text/markdown" in data:
-        table = data.get("text/html") or md(data["text/markdown"])
-        rows, words = table.count("<tr"), len(re.sub(r"<[^>]+>", "", table))
-        if rows <= 8 and "<table" in table and words <= TABLE_CHARS:
-            deck.add(f'<div class="dpo-table">{table}</div>', 36 * rows + 20)
-        else:
-            deck.note(f'<div class="dpo-table">{table}</div>')
+        add_table(deck, data.get("text/html") or md(data["text/markdown"]))
     elif output.get("output_type") == "stream" and output.get("name") == "stdout":
-        text = output.get("text", "").rstrip()
-        lines = text.splitlines()
-        fits = len(lines) <= 10 and max(map(len, lines), default=0) <= CODE_COLUMNS
-        pre = f'<pre class="dpo-output">{html.escape(text)}</pre>'
-        deck.add(pre, CODE_LINE * len(lines) + 30) if fits else deck.note(pre)
+        add_printout(deck, output.get("text", "").rstrip())
+
+
+def add_table(deck: Deck, table: str) -> None:
+    rows, chars = table.count("<tr"), len(re.sub(r"<[^>]+>", "", table))
+    block = f'<div class="dpo-table">{table}</div>'
+    if rows <= 8 and "<table" in table and chars <= TABLE_CHARS:
+        deck.add(block, 36 * rows + 20)
+    else:
+        deck.note(block)
+
+
+def add_printout(deck: Deck, text: str) -> None:
+    lines = text.splitlines()
+    pre = f'<pre class="dpo-output">{html.escape(text)}</pre>'
+    if len(lines) <= 10 and max(map(len, lines), default=0) <= CODE_COLUMNS:
+        deck.add(pre, CODE_LINE * len(lines) + 30)
+    else:
+        deck.note(pre)
 
 
 def add_code(deck: Deck, cell, patterns: list[str]) -> None:

@@ -112,6 +112,13 @@ MEASURE = """() => {
         e => !e.closest("svg") && (getComputedStyle(e).zoom !== "1"
           || getComputedStyle(e).transform !== "none")).length,
       height: slide.scrollHeight,
+      apart: [...slide.querySelectorAll(".dpo-step")].filter(step => {
+        const why = step.querySelector(".dpo-step-why");
+        const maths = step.querySelector(".dpo-step-math mjx-container");
+        if (!why || !why.textContent.trim() || !maths) return false;
+        const w = why.getBoundingClientRect(), m = maths.getBoundingClientRect();
+        return w.left < m.left || w.top > m.bottom || w.bottom < m.top;  // not beside its step
+      }).length,
       text: [...slide.children].filter(e => e.tagName !== "ASIDE").map(e => e.textContent)
         .join(" "),
       before: slide.querySelector(".dpo-step") ? [...slide.children].filter(
@@ -313,6 +320,8 @@ def _check_slides(page, slides: list[dict], name: str) -> tuple[list[str], list[
             problems.append(f"{at}: code ({m['code']:.1f} px) as large as prose ({prose:.1f} px)")
         if any(px < MIN_PROSE_PX for px in m["maths"]) or m["zoomed"]:
             problems.append(f"{at}: a derivation is scaled down ({min(m['maths'])} px)")
+        if m["apart"]:
+            problems.append(f"{at}: {m['apart']} step reasons are not beside their steps")
         if m["before"]:
             problems.append(f"{at}: something besides the derivation shows before its steps")
         if OUT_OF_DECKS.search(m["text"].replace(name, "")):
@@ -391,14 +400,14 @@ def _screenshots(page, name: str, tags_shot: set) -> None:
             page.screenshot(path=folder / f"slides_eq{tag}.png")
 
 
-def _check_page(page, path: Path) -> list[str]:
+def _check_page(page, path: Path, decks: int) -> list[str]:
     """Sidebar, page contents, links, where the page starts, and the home table's maths."""
     problems = []
     missing = [href for href in page.evaluate(LOCAL_LINKS)
                if not Path(unquote(urlparse(href).path)).is_file()]
     problems += [f"a link leads nowhere: {href}" for href in missing[:5]]
     side = page.evaluate(SIDEBAR)
-    if not side["paper"] or not side["repo"] or side["decks"] < 1:
+    if not side["paper"] or not side["repo"] or side["decks"] < decks:
         problems.append(f"the sidebar lacks the paper, the repository or the decks: {side}")
     if path.name == "index.html" and path.parent.name == "site" and not side["table_maths"]:
         problems.append("the home table has no typeset maths")
@@ -447,7 +456,8 @@ def test_every_site_page(browser, built):
         empty_handout = path.name == "handout.html" and "No notebook displays" in page.content()
         _check_maths(page, problems, present=path.name not in ("index.html", "figures.html")
                      and not empty_handout)
-        problems += _check_page(page, path)
+        site = built["site"] if path in built["site"] else built["synthetic_site"]
+        problems += _check_page(page, path, sum(p.stem[:2].isdigit() for p in site))
         if path.name == "index.html" and path.parent.name == "site":
             page.screenshot(path=_screenshot_dir() / "site_home.png")
         if path.name == "figures.html":
