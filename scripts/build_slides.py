@@ -655,7 +655,8 @@ def add_code(deck: Deck, cell, patterns: list[str]) -> None:
         return
     if any(re.search(p, source) for p in patterns):
         code = without_asserts(source)
-        wide = " dpo-code-wide" if max(map(len, code.splitlines())) > CODE_COLUMNS else ""
+        longest = max(map(len, code.splitlines()), default=0)
+        wide = " dpo-code-wide" if longest > CODE_COLUMNS else ""
         deck.new("code")["parts"].append(
             f'<pre class="dpo-code{wide}"><code>{html.escape(code)}</code></pre>')
     for output in cell.get("outputs", []):
