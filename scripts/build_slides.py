@@ -68,7 +68,7 @@ WIDGET_NOTE = ('<p class="dpo-widget-note">An interactive control stands here: r
 # heading, and the height of one line of prose, of a list item and of code.
 ROOM = 540
 PROSE_LINE, CHARS_PER_LINE = 40, 68
-CODE_LINE, CODE_COLUMNS = 27, 84
+CODE_LINE, CODE_COLUMNS, CODE_FIT = 27, 84, 22
 TABLE_CHARS = 700  # characters of a table that fit on a slide at 22 px
 SHORT = 190  # characters of prose that stay on a slide; a longer paragraph shows a sentence
 # A derivation step's maths column, in ems of the maths font (deck.css), and its rows' heights.
@@ -649,12 +649,22 @@ def add_printout(deck: Deck, text: str) -> None:
         deck.note(pre)
 
 
+def code_excerpt(code: str, pattern: str) -> str:
+    """The code, or when it is too long for a slide, the lines from the one the plan names."""
+    lines = code.splitlines()
+    if len(lines) <= CODE_FIT:
+        return code
+    start = next((i for i, ln in enumerate(lines) if re.search(pattern, ln)), 0)
+    return "\n".join(lines[start:start + CODE_FIT])
+
+
 def add_code(deck: Deck, cell, patterns: list[str]) -> None:
     source = cell.source
     if TIMING.search(source):
         return
-    if any(re.search(p, source) for p in patterns):
-        code = without_asserts(source)
+    named = next((p for p in patterns if re.search(p, source, re.MULTILINE)), None)
+    if named:
+        code = code_excerpt(without_asserts(source), named)
         longest = max(map(len, code.splitlines()), default=0)
         wide = " dpo-code-wide" if longest > CODE_COLUMNS else ""
         deck.new("code")["parts"].append(

@@ -2,7 +2,8 @@
 
 Each lecture (keyed by its notebook's number) has a motivating example, the key equations for its
 recap, a summary, its references, and the cells whose code is the point of the lecture, named by
-a pattern their source matches (cells move; a pattern follows the cell). `home_goal` is the
+a pattern their source matches (cells move; a pattern follows the cell); a cell too long for a
+slide shows the lines from the one the pattern matches. `home_goal` is the
 lecture's goal for the site's home table, with its maths in TeX so that MathJax typesets it.
 A notebook without an entry still gets a deck: title, outline, body and the paper's reference.
 """
@@ -158,7 +159,7 @@ LECTURES = {
             "the training loss.",
         ],
         "references": ["dpo", "lora", "trl"],
-        "code": [r"def my_sequence_logps\(", r"def my_dpo_loss\("],
+        "code": [r"def my_sequence_logps\(", r"def my_dpo_loss\(", r"^for step in range\("],
         "home_goal": None,
     },
     "05": {

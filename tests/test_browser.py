@@ -111,7 +111,8 @@ MEASURE = """() => {
       zoomed: [...slide.querySelectorAll(".dpo-derivation, .dpo-derivation *")].filter(
         e => !e.closest("svg") && (getComputedStyle(e).zoom !== "1"
           || getComputedStyle(e).transform !== "none")).length,
-      height: slide.scrollHeight,
+      height: Math.round(Math.max(0, ...[...slide.children].filter(e => e.tagName !== "ASIDE")
+        .map(e => e.getBoundingClientRect().bottom - box.top)) / scale),  // content, slide px
       apart: [...slide.querySelectorAll(".dpo-step")].filter(step => {
         const why = step.querySelector(".dpo-step-why");
         const maths = step.querySelector(".dpo-step-math mjx-container");
@@ -376,7 +377,8 @@ def test_every_deck(browser, built):
         page.close()
         report[deck.name] = problems
     print(f"{len(decks)} decks, {len(sizes)} slides checked in "
-          f"{time.perf_counter() - started:.1f} s; tallest slide {max(sizes)[:1]} px, "
+          f"{time.perf_counter() - started:.1f} s; tallest content {max(sizes)[0]} px "
+          f"(of 720, deck {max(sizes)[2]} slide {max(sizes)[3] + 1}), "
           f"smallest prose {min(s[1] for s in sizes):.1f} px")
     for deck, problems in report.items():
         print("\n".join(f"{deck}: {problem}" for problem in problems))
