@@ -60,6 +60,7 @@ COURSE = "dpo-course"
 SCREENSHOTS = ("slides_", "site_")  # figures/ files that tests/test_browser.py writes
 HEADING = re.compile(r'<h([23]) id="([^"]+)">(.*?)<a class="anchor-link"', re.DOTALL)
 SECTION = re.compile(r"^##\s")
+HANDOUT_EMS = 14.0  # a step's maths column on A4 paper, beside its reason, in ems
 
 
 def notebook_title(nb, fallback: str) -> str:
@@ -146,9 +147,9 @@ def handout_steps(steps: list[str]) -> Markup:
     """A derivation as rows of maths with each step's reason beside it, for reading and print:
     the slides' layout without the one-step-per-click fragments."""
     lhs = split_step(exp_form(steps[0]))["lhs"]
-    rows = [step_html(step, n, lhs if n == 1 else "")[0]
+    rows = [step_html(step, n, lhs if n == 1 else "", HANDOUT_EMS)[0]
             for n, step in enumerate(steps, start=1)]
-    body = "\n".join(rows).replace('class="dpo-step fragment"', 'class="dpo-step"')
+    body = "\n".join(rows).replace(' fragment"', '"')
     return Markup(f'<div class="dpo-derivation">{body}</div>')
 
 

@@ -74,6 +74,7 @@ SHORT = 190  # characters of prose that stay on a slide; a longer paragraph show
 # A derivation step's maths column, in ems of the maths font (deck.css), and its rows' heights.
 MATH_EMS = 25.0
 STEPS_PER_SLIDE = 4
+LONG_LHS = 0.4  # a left side wider than this share of the maths column: rhs on the next line
 REFS_PER_SLIDE = 4
 ORPHAN = 60  # characters: a lead-in this short does not get a slide of its own
 DISPLAY_EMS = 38.0  # a displayed formula in prose: the slide's whole width
@@ -296,6 +297,8 @@ def break_lines(lhs: str, rhs: str, room: float = MATH_EMS) -> list[str]:
     """The right side cut at its top-level + and - signs into lines that fit `room` ems."""
     pieces = [inner for piece in _pieces(rhs)
               for inner in (_pieces(_unpaired(piece)) if tex_width(piece) > room else [piece])]
+    if len(pieces) > 1 and pieces[0] == "=":  # "= -x": the minus is a sign, not a break
+        pieces[:2] = [f"= {pieces[1]}"]
     lines, width = [""], tex_width(lhs) + 1.2
     for piece in pieces:
         if lines[-1] and width + tex_width(piece) > room:
@@ -358,7 +361,7 @@ def split_fraction(line: str, room: float = MATH_EMS) -> str:
     return f"{match.group(1) or ''}\\frac{{{parts[0]}}}{{{parts[1]}}}{line[end:]}"
 
 
-def step_html(step: str, number: int, lhs: str) -> tuple[str, int]:
+def step_html(step: str, number: int, lhs: str, room: float = MATH_EMS) -> tuple[str, int]:
     """One step as a fragment (maths left, reason right) and the height it takes.
 
     A step that continues the previous one (`&= ...`) gets `lhs` when it opens a slide, so a
@@ -366,14 +369,21 @@ def step_html(step: str, number: int, lhs: str) -> tuple[str, int]:
     """
     parts = split_step(exp_form(step))
     left = parts["lhs"] or lhs
-    lines = break_lines(left, parts["rhs"])
-    lines[0] = split_fraction(lines[0], MATH_EMS - tex_width(left))
-    rows = [f"{left} &{lines[0]}", *(rf"&\quad {line}" for line in lines[1:])]
+    if tex_width(left) > LONG_LHS * room:  # a long left side gets a line of its own
+        lines = break_lines("", parts["rhs"], room - 2)
+        rows = [f"&{left}", *(rf"&\qquad {line}" for line in lines)]
+    else:
+        lines = break_lines(left, parts["rhs"], room)
+        lines[0] = split_fraction(lines[0], room - tex_width(left))
+        rows = [f"{left} &{lines[0]}", *(rf"&\quad {line}" for line in lines[1:])]
     tag = rf" \tag{{{parts['tag']}}}" if parts["tag"] else ""
     latex = r"\begin{align*} " + r" \\ ".join(rows) + tag + r" \end{align*}"
     data_tag = f' data-tag="{html.escape(parts["tag"])}"' if parts["tag"] else ""
     why = reason_html(parts["reason"]) if parts["reason"] else ""
-    block = (f'<div class="dpo-step fragment" data-step="{number}"{data_tag}>'
+    # a line that still does not fit: its reason goes under it (the handout; on a slide the
+    # browser test fails on it)
+    wide = " dpo-step-wide" if max(map(tex_width, rows)) > room + 1 else ""
+    block = (f'<div class="dpo-step{wide} fragment" data-step="{number}"{data_tag}>'
              f'<div class="dpo-step-math">{html.escape(latex, quote=False)}</div>'
              f'<div class="dpo-step-why">{why}</div></div>')
     return block, _rows_height(latex, len(rows))

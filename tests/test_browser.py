@@ -148,6 +148,16 @@ WIDER_THAN_PAPER = """() => [...document.querySelectorAll(".dpo-derivation-math 
 # Formulas that print smaller than MathJax set them (a max-width squeezing the svg).
 SHRUNK = """() => [...document.querySelectorAll(".dpo-derivation-math svg[width$='ex']")]
   .filter(s => s.getBoundingClientRect().width < 0.99 * s.width.baseVal.value).length"""
+CROWDED = """() => [...document.querySelectorAll(".dpo-step")].filter(step => {
+  const why = step.querySelector(".dpo-step-why");
+  if (!why || !why.textContent.trim()) return false;
+  const w = why.getBoundingClientRect();
+  return [...step.querySelectorAll(".dpo-step-math svg[width$='ex']")].some(svg => {
+    const m = svg.getBoundingClientRect();  // the maths and its reason overlap
+    return m.right > w.left + 1 && m.left < w.right - 1 && m.bottom > w.top + 1
+      && m.top < w.bottom - 1;
+  });
+}).length"""
 SMALLEST_TEXT = """() => Math.min(...[...document.querySelectorAll(".dpo-content p, .dpo-step-why")]
   .map(e => parseFloat(getComputedStyle(e).fontSize)))"""
 LOCAL_LINKS = "[...document.links].map(a => a.href).filter(h => h.startsWith('file:'))"
@@ -440,6 +450,9 @@ def _check_print(page) -> list[str]:
     wide = page.evaluate(WIDER_THAN_PAPER)
     if wide:
         problems.append(f"{wide} handout formulas are wider than the printed page")
+    crowded = page.evaluate(CROWDED)
+    if crowded:
+        problems.append(f"{crowded} handout steps run into their reasons")
     shrunk = page.evaluate(SHRUNK)
     if shrunk:
         problems.append(f"{shrunk} handout formulas are shrunk below their size")
