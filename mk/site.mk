@@ -1,8 +1,10 @@
 # Instructor mode (scripts/build_slides.py, scripts/build_site.py; both read committed outputs)
-# make slides      : one reveal.js deck per notebook, build/slides/NAME.slides.html, offline
-# make site        : the course site, build/site/index.html: pages, figures, derivation handout
+# make slides      : one lecture deck per notebook, build/slides/NAME.slides.html, offline
+# make site        : the course site, build/site/index.html: pages, decks (slides/), figures,
+#                    derivation handout
 # make handout     : the same build; the print-ready handout is build/site/handout.html
-# make screenshots : the browser test, writing figures/slides_nbNN.png and figures/site_home.png
+# make screenshots : the browser test, writing figures/slides_nbNN.png, slides_title.png,
+#                    slides_eqN.png and site_home.png
 .PHONY: slides site handout screenshots
 
 slides: $(SITE_STAMP)

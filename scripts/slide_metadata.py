@@ -1,4 +1,8 @@
-"""Give each notebook cell reveal.js slide metadata by fixed rules; `make slides` reads it.
+"""Give each notebook cell reveal.js slide metadata by fixed rules.
+
+`make slides` (build_slides.py) lays a lecture out by the cells' content and honours two of
+these types: a cell marked skip stays out of the deck, one marked notes goes to the speaker
+notes. Jupyter's own slideshows (JupyterLab, `jupyter nbconvert --to slides`) use all of them.
 
     python scripts/slide_metadata.py notebooks/*.ipynb          # assign, rewrite changed notebooks
     python scripts/slide_metadata.py --check notebooks/*.ipynb  # exit 1 if a cell has none
