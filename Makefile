@@ -1,7 +1,10 @@
-# make course       : set up .venv, run every notebook in smoke mode (outputs and figures/ regenerated)
+# make course       : set up .venv, run every notebook in smoke mode: executed copies in
+#                     build/notebooks/, figures/ regenerated (notebooks/ is not written)
 # make test         : set up .venv, lint + unit tests + nbval over every notebook, twice: on this
 #                     CPU's kernels and on torch's portable ones (ATEN_CPU_CAPABILITY=default);
 #                     the three suites run side by side (TEST_JOBS=1: one after another)
+# make site-test    : the instructor build's tests (slides, site, browser; the site extra)
+# make refresh-notebooks : maintainers: re-run every notebook into notebooks/ (what GitHub shows)
 # make test-latest  : the same suite in .venv-latest, against the newest releases (no constraints)
 PYTHON ?= python3
 VENV ?= .venv
@@ -19,7 +22,7 @@ export DPO_COURSE_MODE ?= smoke
 export PYTHONHASHSEED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: course test lint unit nbval nbval-portable test-latest constraints setup bench tokenizer clean
+.PHONY: course refresh-notebooks site-test test lint unit unit-fast nbval nbval-portable test-latest constraints setup bench tokenizer clean
 
 setup: $(STAMP)
 
@@ -30,18 +33,28 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch==2.13.0; fi
 	# bench (trl) too, so that the TRL parity test runs in CI rather than being skipped.
 	$(PY) -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS),--upgrade --upgrade-strategy eager) \
-	  -e ".[course,bench,site]"
+	  -e ".[course,bench]"
 	touch $(STAMP)
 
+# The instructor build (slides, site, their browser test) needs the site extra too.
+SITE_STAMP := $(VENV)/.site-installed
+$(SITE_STAMP): $(STAMP)
+	$(PY) -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS),--upgrade) -e ".[course,bench,site]"
+	touch $(SITE_STAMP)
+
+EXECUTE := $(PY) -m jupyter nbconvert --to notebook --execute --ExecutePreprocessor.timeout=900 \
+  --ExecutePreprocessor.kernel_name=python3
 course: $(STAMP)
-	mkdir -p figures
+	mkdir -p figures build/notebooks
 	for nb in $(NOTEBOOKS); do \
-	  echo "== $$nb"; \
-	  $(PY) -m jupyter nbconvert --to notebook --execute --inplace \
-	    --ExecutePreprocessor.timeout=900 --ExecutePreprocessor.kernel_name=python3 "$$nb" \
-	    || exit 1; \
+	  echo "== $$nb"; $(EXECUTE) --output-dir build/notebooks "$$nb" || exit 1; \
 	done
 	@ls figures
+
+refresh-notebooks: $(STAMP)
+	for nb in $(NOTEBOOKS); do \
+	  echo "== $$nb"; $(EXECUTE) --inplace "$$nb" || exit 1; \
+	done
 
 # The three suites are independent, and each process runs torch on one thread (tests and
 # notebooks alike), so they run side by side: all three at once keep CI's 2 cores busy to the
@@ -52,10 +65,18 @@ test: lint
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) scripts/slide_metadata.py --check $(NOTEBOOKS)
 
+SITE_TESTS := tests/test_site.py tests/test_browser.py
 unit: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) -m pytest tests/ -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests/ -q $(foreach t,$(SITE_TESTS),--ignore=$(t))
+
+site-test: $(SITE_STAMP)
+	$(PY) scripts/slide_metadata.py --check $(NOTEBOOKS)
+	$(PY) -m pytest -q $(SITE_TESTS)
+
+# While working: the unit tests without those marked slow (several processes, signals).
+unit-fast: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests/ -q -m "not slow" $(foreach t,$(SITE_TESTS),--ignore=$(t))
 
 # The committed outputs were written on one CPU; every compared output must come out the same on
 # this one (nbval) and on torch's portable kernels (nbval-portable), so no output that depends on

@@ -6,6 +6,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import nbformat
+import pytest
 
 os.environ.setdefault("DPO_COURSE_MODE", "smoke")
 sys.path.insert(0, str(Path(__file__).parent / "tests"))
@@ -47,3 +48,23 @@ def pytest_collectstart(collector):
         return out
 
     collector.collect = collect_with_solutions
+
+
+@pytest.fixture
+def interrupt_update(monkeypatch):
+    """interrupt_update(n): the n-th optimiser update of the test raises KeyboardInterrupt
+    before it changes anything, as Ctrl-C pressed then would (`monkeypatch.undo()` ends it)."""
+    from dpo_minimal.train import _Run
+
+    def arm(call: int) -> None:
+        update, calls = _Run.update, []
+
+        def interrupted(self):
+            calls.append(1)
+            if len(calls) == call:
+                raise KeyboardInterrupt
+            return update(self)
+
+        monkeypatch.setattr(_Run, "update", interrupted)
+
+    return arm

@@ -3,6 +3,8 @@
     make bench           # the whole benchmark; writes benchmarks/RESULTS.md
     .venv/bin/python benchmarks/bench_vs_trl.py --runs 3
     .venv/bin/python benchmarks/bench_vs_trl.py --worker ours --model gpt2-124m --steps 4
+    python benchmarks/bench_vs_trl.py --device cuda            # GPU: benchmarks/GPU_VS_TRL.md
+    python benchmarks/bench_vs_trl.py --device cuda --dry-run  # CPU, tiny configs, seconds
 
 Every measurement runs in its own subprocess (a "worker"), so that its peak RSS
 (getrusage(RUSAGE_SELF).ru_maxrss, read at the end) belongs to one side only. Both sides get:
@@ -18,6 +20,15 @@ use_cpu=True, bf16=False and gradient checkpointing off, as ours.
   batch 4 pairs x 128 tokens (responses long enough that every row is cut at 128). Steady-state
   seconds per step: (t(n_long) - t(n_short)) / (n_long - n_short) over whole calls, so that the
   fixed costs cancel.
+
+--device cuda measures issue 26's two rows on one GPU: GPT-2 124M at 8 pairs x 512 tokens and
+phi-2 at 2 pairs x 512 (random weights from the configs, nothing downloaded), LoRA r=16 on the
+same targets, bf16 weights and autocast, no gradient checkpointing, the reference = the disabled
+adapter, every row cut to exactly 512 tokens; each side in its own process. Per step: the median
+of steps 1 onwards (ours: `History` step_seconds; TRL: a callback); peak memory:
+`torch.cuda.max_memory_allocated`. With --dry-run it runs the same code on a CPU with tiny
+configs of the two architectures, float32, 64 tokens and 3 steps, to check the wiring (peak
+memory is then the process's RSS and the ratios mean nothing).
 """
 
 import argparse
@@ -182,6 +193,137 @@ def _spawn(side: str, model_name: str, steps: int, pairs: int = 0, fused_gelu=Tr
     return result
 
 
+# --device cuda: (label, model, pairs per step, tokens per row)
+GPU_ROWS = [("GPT-2 124M, 8 pairs x 512", "gpt2", 8, 512),
+            ("phi-2, 2 pairs x 512", "phi-2", 2, 512)]
+GPU_TARGETS = {"gpt2": TARGETS, "phi-2": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]}
+
+
+def gpu_worker(side: str, model_name: str, pairs: int, tokens: int, steps: int,
+               dry_run: bool) -> dict:
+    """One side of one --device cuda row, in this process: median step time and peak memory."""
+    import torch
+    from peft import LoraConfig
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_check import model_config
+    from measure_phi2_memory import long_pairs
+    from transformers import AutoModelForCausalLM
+
+    from dpo_minimal import add_lora
+    from dpo_minimal.models import course_tokenizer
+    from dpo_minimal.train import TrainConfig, train
+
+    device = "cpu" if dry_run else "cuda"
+    dtype = "float32" if dry_run else "bfloat16"  # TRL's bf16 needs a GPU (use_cpu otherwise)
+    tokens = 64 if dry_run else tokens
+    config = model_config(model_name, dry_run)
+    tokenizer = course_tokenizer()
+    # Distinct pairs (no step reuses a reference pass), prompts cut to half the row from the
+    # left as dpo_minimal cuts them: TRL drops a row whose prompt alone fills max_length.
+    rows = [{**row, "prompt": tokenizer.decode(
+                tokenizer(row["prompt"])["input_ids"][-(tokens // 2 - 8):])}
+            for row in long_pairs(pairs * steps)]
+    torch.manual_seed(SEED)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype),
+                                                 attn_implementation="sdpa")
+    targets = GPU_TARGETS[model_name]
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    torch.manual_seed(SEED)  # the LoRA A init
+    if side == "ours":
+        model = add_lora(model, r=16, alpha=32, dropout=0.0, target_modules=targets)
+        history = train(model, tokenizer, rows, TrainConfig(
+            beta=0.1, learning_rate=1e-4, batch_size=pairs, max_length=tokens,
+            max_prompt_length=tokens // 2, max_steps=steps, dtype=dtype, progress=False,
+            gradient_checkpointing=False, seed=SEED))
+        step_seconds = [row["step_seconds"] for row in history]
+    else:
+        from datasets import Dataset
+        from transformers import TrainerCallback
+        from trl import DPOConfig, DPOTrainer
+
+        step_seconds = []
+
+        class Timer(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                self.start = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                step_seconds.append(time.perf_counter() - self.start)
+
+        with tempfile.TemporaryDirectory() as out:
+            args = DPOConfig(
+                output_dir=out, use_cpu=dry_run, bf16=not dry_run, gradient_checkpointing=False,
+                report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=1,
+                per_device_train_batch_size=pairs, max_length=tokens, learning_rate=1e-4,
+                beta=0.1, max_steps=steps, warmup_steps=0, seed=SEED, data_seed=SEED,
+                dataloader_num_workers=0)
+            lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=targets,
+                              fan_in_fan_out=model_name == "gpt2", bias="none",
+                              task_type="CAUSAL_LM")
+            DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                       processing_class=tokenizer, peft_config=lora,
+                       callbacks=[Timer()]).train()
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    return {"side": side, "model": model_name, "pairs": pairs, "tokens": tokens, "steps": steps,
+            "step_seconds": statistics.median(step_seconds[1:]), "peak_gib": peak}
+
+
+def gpu_bench(args) -> int:
+    """Issue 26's two rows, ours against TRL, each side in its own process; a Markdown report."""
+    import torch
+
+    if not args.dry_run and not torch.cuda.is_available():
+        print("--device cuda: no CUDA GPU is visible to torch; add --dry-run to check the "
+              "wiring on a CPU", file=sys.stderr)
+        return 2
+    steps = 3 if args.dry_run else args.gpu_steps
+    lines = ["| model | step ours / TRL | peak memory ours / TRL |", "|---|---|---|"]
+    for label, name, pairs, tokens in GPU_ROWS:
+        if args.dry_run:  # what this run measures: the architecture's tiny config, 64 tokens
+            label = f"tiny {name.upper()}-shaped, {pairs} pairs x 64"
+        found = {}
+        for side in ("ours", "trl"):
+            cmd = [sys.executable, __file__, "--gpu-worker", side, "--model-name", name,
+                   "--pairs", str(pairs), "--tokens", str(tokens), "--steps", str(steps)]
+            cmd += ["--dry-run"] if args.dry_run else []
+            env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+                   "TQDM_DISABLE": "1", "PYTHONHASHSEED": "0"}
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+            if proc.returncode != 0:
+                sys.stderr.write(proc.stderr[-4000:])
+                raise RuntimeError(f"gpu worker {side} {name} failed ({proc.returncode})")
+            found[side] = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(f"  {side:5s} {label}: {found[side]['step_seconds']:.3f} s/step, peak "
+                  f"{found[side]['peak_gib']:.2f} GiB", flush=True)
+        ours, trl = found["ours"], found["trl"]
+        lines.append(f"| {label} | {ours['step_seconds'] / trl['step_seconds']:.2f} "
+                     f"({ours['step_seconds']:.3f} vs {trl['step_seconds']:.3f} s) | "
+                     f"{ours['peak_gib'] / trl['peak_gib']:.2f} ({ours['peak_gib']:.2f} vs "
+                     f"{trl['peak_gib']:.2f} GiB) |")
+    name = "CPU (dry run: tiny configs, RSS)" if args.dry_run else torch.cuda.get_device_name()
+    text = (f"# dpo_minimal vs TRL DPOTrainer on {name}\n\nWritten by `python "
+            f"benchmarks/bench_vs_trl.py {' '.join(sys.argv[1:])}`, "
+            f"{time.strftime('%Y-%m-%d %H:%M %Z')}; {_versions()}. {steps} steps per run, "
+            "median of steps 1 onwards. Targets (issue 26): phi-2 step <= TRL's, GPT-2 124M "
+            "peak <= 0.9x TRL's.\n\n" + "\n".join(lines) + "\n")
+    out = ROOT / ("build/bench-vs-trl-cuda-dry.md" if args.dry_run else
+                  "benchmarks/GPU_VS_TRL.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(text + f"wrote {out}")
+    return 0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--worker", choices=["ours", "trl"])
@@ -202,7 +344,22 @@ def main() -> None:
     parser.add_argument("--no-fused-gelu", action="store_true",
                         help="worker ours: TrainConfig(fused_gelu=False), the ablation")
     parser.add_argument("--no-write", action="store_true", help="don't write RESULTS.md")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: issue 26's two GPU rows (GPU_VS_TRL.md) instead of the CPU "
+                             "benchmark")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="with --device cuda: tiny configs on a CPU, seconds (CI)")
+    parser.add_argument("--gpu-steps", type=int, default=8, help="--device cuda: steps per run")
+    parser.add_argument("--gpu-worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--model-name", choices=["gpt2", "phi-2"], help=argparse.SUPPRESS)
+    parser.add_argument("--tokens", type=int, default=512, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.gpu_worker:
+        print(json.dumps(gpu_worker(args.gpu_worker, args.model_name, args.pairs, args.tokens,
+                                    args.steps, args.dry_run)))
+        return
+    if args.device == "cuda":
+        sys.exit(gpu_bench(args))
     if args.worker:
         import torch
 

@@ -12,6 +12,11 @@ exactly the sequence length (the worst case; real truthy-dpo pairs are shorter).
 2. GPT-2 124M LoRA DPO steps per second (notebook 04's full-mode micro-batch).
 3. Notebook 04's and 05's full-mode step (batch, accumulation, length, checkpointing) in float16,
    the T4's dtype, scaled to a T4 (see t4_factor for the assumption).
+4. bf16 MFU at larger micro-batches: phi-2 at 8 and 16 pairs x 512 (checkpointing), GPT-2 124M
+   at 32 pairs x 512: which batch gets near 40 % of the GPU's peak.
+
+benchmarks/gpu_check.sh runs scripts/rehearse.py --cuda (every notebook in full mode, tiny
+models on the GPU) before these measurements.
 
     python benchmarks/gpu_check.py                # on a CUDA GPU: writes benchmarks/GPU_CHECK.md
     python benchmarks/gpu_check.py --dry-run      # CPU, tiny configs, seconds (CI)
@@ -50,7 +55,11 @@ ROWS = [
     ("phi-2 LoRA", "phi-2", "bfloat16", 2, 1, 512, False, 0),
     ("GPT-2 124M LoRA", "gpt2", "bfloat16", 8, 1, 512, False, 0),
     ("nb04 full mode", "gpt2", "float16", 8, 1, 512, False, 200),
-    ("nb05 full mode", "phi-2", "float16", 2, 4, 512, True, 150),
+    ("nb05 full mode", "phi-2", "float16", 2, 4, 512, True, 100),
+    # bf16 MFU at larger micro-batches (Ampere or newer; a small GPU may run out of memory here)
+    ("phi-2 LoRA, larger batch", "phi-2", "bfloat16", 8, 1, 512, True, 0),
+    ("phi-2 LoRA, larger batch", "phi-2", "bfloat16", 16, 1, 512, True, 0),
+    ("GPT-2 124M LoRA, larger batch", "gpt2", "bfloat16", 32, 1, 512, False, 0),
 ]
 
 
@@ -201,7 +210,9 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text + table(rows, peak, factor, notebook_steps))
     print(f"wrote {out}")
-    return 0 if all(r["status"] == "ok" or "off" in r["checkpointing"] for r in rows) else 1
+    # An out-of-memory row without checkpointing, or at a larger batch, is a finding, not a fault.
+    return 0 if all(r["status"] == "ok" or "off" in r["checkpointing"]
+                    or "larger batch" in r["run"] for r in rows) else 1
 
 
 if __name__ == "__main__":

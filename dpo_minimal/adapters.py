@@ -11,11 +11,15 @@ from .logprobs import _is_peft
 
 
 def generate_pairs(model, tokenizer, prompts: list[str], max_new_tokens: int = 40,
-                   seed: int = 0, temperature: float = 0.7) -> list[dict]:
+                   seed: int = 0, temperature: float = 0.7,
+                   stop_strings: list[str] | None = None) -> list[dict]:
     """Reference (adapter disabled) and policy completions side by side, greedy and sampled.
 
     Returns one dict per prompt: prompt, reference (greedy), policy (greedy), reference
     (sampled), policy (sampled). Sampling is seeded, so the table is reproducible on one machine.
+    `stop_strings` (e.g. the prompt format's next turn, "\nInstruct:") end a completion where
+    the model starts one of them (transformers' `generate(stop_strings=...)`), and the stop
+    string itself is cut from the text: a base model otherwise writes the next turn itself.
     """
     device = next(model.parameters()).device
     was_training = model.training
@@ -29,11 +33,16 @@ def generate_pairs(model, tokenizer, prompts: list[str], max_new_tokens: int = 4
                 torch.manual_seed(seed)
                 context = model.disable_adapter() if who == "reference" else nullcontext()
                 kwargs = dict(do_sample=True, temperature=temperature, top_k=50) if sample else {}
+                if stop_strings:
+                    kwargs.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
                 with context, torch.no_grad():
                     out = model.generate(**inputs, max_new_tokens=max_new_tokens,
                                          pad_token_id=tokenizer.pad_token_id, **kwargs)
                 new = out[0, inputs["input_ids"].shape[1]:]
-                row[f"{who} ({label})"] = tokenizer.decode(new, skip_special_tokens=True).strip()
+                text = tokenizer.decode(new, skip_special_tokens=True)
+                for stop in stop_strings or ():
+                    text = text.split(stop)[0]
+                row[f"{who} ({label})"] = text.strip()
         rows.append(row)
     model.train(was_training)
     return rows

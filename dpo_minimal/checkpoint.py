@@ -15,14 +15,21 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import tempfile
 import threading
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
+
+from .adapters import save_adapter
+from .config import History, NonFiniteLossError, TrainConfig, _divergence_fix
+from .logprobs import _is_peft
+from .objective import Reference
 
 STATE_FILE = "trainer_state.json"
 # What a run leaves in its output folder: checkpoints, and what the command line writes.
@@ -34,15 +41,6 @@ class CheckpointError(ValueError):
 
 
 # --- the output folder ------------------------------------------------------------------------
-
-def expand_output_dir(output_dir: str | None) -> str | None:
-    """`output_dir` with `~` expanded; an empty name is refused."""
-    if output_dir is None:
-        return None
-    if not output_dir.strip():
-        raise ValueError("output_dir is an empty name: give a folder, e.g. output_dir='runs/dpo' "
-                         "(or None to save nothing).")
-    return os.path.expanduser(output_dir)
 
 
 def run_outputs(folder: Path) -> list[str]:
@@ -89,15 +87,28 @@ def check_output_dir(output_dir: str | None, resume: bool = False,
                          "deleted), or choose another output_dir.")
 
 
+def check_output_file(path: Path, flag: str = "output") -> None:
+    """Refuse, before any work, a file path that cannot be written (`flag` names it)."""
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a directory: give a file name, e.g. "
+                         f"{path / 'metrics.json'}.")
+    folder = path.expanduser().absolute().parent
+    if not folder.is_dir():
+        raise ValueError(f"{flag} {path}: the folder {folder} does not exist; create it or "
+                         "choose another file.")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"{flag} {path}: the folder {folder} cannot be written; choose "
+                         "another file.")
+
+
 def clear_checkpoints(folders: list[Path]) -> None:
     """Delete checkpoint folders (overwrite_output_dir: this run replaces another)."""
-    import shutil
-
     for path in folders:
         shutil.rmtree(path)
 
 
 # --- finding checkpoints ----------------------------------------------------------------------
+
 
 def _checkpoint_step(path: Path) -> int | None:
     name = path.name
@@ -141,6 +152,7 @@ def unreadable(path: Path, name: str, err: Exception) -> CheckpointError:
 
 # --- finiteness -------------------------------------------------------------------------------
 
+
 def all_finite(tensors) -> bool:
     """Whether every floating-point tensor in `tensors` (nested dicts and lists too) is finite."""
     if isinstance(tensors, torch.Tensor):
@@ -154,6 +166,7 @@ def all_finite(tensors) -> bool:
 
 # --- fingerprints -----------------------------------------------------------------------------
 
+
 # Config keys that do not change what a model computes from its weights.
 _VOLATILE = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache",
              "_attn_implementation_autoset", "_commit_hash"}
@@ -163,7 +176,7 @@ def _digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _data_digest(pairs: list[dict] | None) -> dict | None:
+def data_digest(pairs: list[dict] | None) -> dict | None:
     """Size and digest of tokenised examples (their token ids and labels)."""
     if pairs is None:
         return None
@@ -204,8 +217,8 @@ def fingerprints(model, pairs: list[dict], eval_pairs: list[dict] | None,
     frozen = [(n, p) for n, p in model.named_parameters() if "lora_" not in n]
     config = {k: v for k, v in base.config.to_dict().items() if k not in _VOLATILE}
     return {
-        "data": _data_digest(pairs),
-        "eval_data": _data_digest(eval_pairs),
+        "data": data_digest(pairs),
+        "eval_data": data_digest(eval_pairs),
         "base_model": {"name": getattr(base.config, "_name_or_path", "") or "",
                        "config": _digest(config), "weights": _weights_digest(frozen)},
         "lora": _lora_settings(model),
@@ -248,6 +261,7 @@ def changed_fingerprints(saved: dict, now: dict) -> list[str]:
 
 
 # --- stop signals -----------------------------------------------------------------------------
+
 
 class StopRequests:
     """SIGINT (Ctrl-C) and SIGTERM (Slurm, Kubernetes, `timeout`) during training.
@@ -304,3 +318,166 @@ class StopRequests:
         if self._pending and not self._depth:
             self._pending = False
             raise KeyboardInterrupt
+
+
+# --- saving, loading and restoring a run ------------------------------------------------------
+
+
+# Settings that may differ between a run and its resumption: they do not change the steps
+# already taken. A larger max_steps continues the run (the schedule is stretched to it from
+# the current step, as in TRL).
+_RESUMABLE = {"progress", "output_dir", "save_steps", "save_total_limit", "device", "eval_every",
+              "eval_batch_size", "logging_steps", "overwrite_output_dir", "max_steps"}
+
+
+def foreign_checkpoints(config: TrainConfig, run_id: str, fresh: bool) -> list[Path]:
+    """Checkpoint folders in output_dir that are not this run's: refused, or with
+    overwrite_output_dir the ones to delete (a fresh run replaces every one of them)."""
+    if config.output_dir is None or not Path(config.output_dir).is_dir():
+        return []
+    found = [p for p in Path(config.output_dir).glob("checkpoint-*") if p.is_dir()]
+    foreign = found if fresh else [p for p in found
+                                   if (read_state(p) or {}).get("run_id") not in (None, run_id)]
+    if foreign and not config.overwrite_output_dir:
+        raise CheckpointError(f"output_dir {config.output_dir!r} holds another run's checkpoints "
+                              f"({', '.join(sorted(p.name for p in foreign)[:4])}), which this "
+                              "run would overwrite: resume into the folder of the checkpoint, "
+                              "choose another output_dir, or replace them with --overwrite "
+                              "(overwrite_output_dir=True).")
+    return foreign
+
+
+def _checkpoint_path(resume_from, config: TrainConfig) -> Path:
+    """The checkpoint folder to resume: `resume_from`, or with True the newest complete and
+    finite one in output_dir."""
+    if resume_from is True:
+        found = checkpoints(config.output_dir) if config.output_dir is not None else []
+        if not found:
+            raise CheckpointError(f"resume_from=True but output_dir={config.output_dir!r} holds "
+                                  "no checkpoint-{step}/ folder that is complete: pass a "
+                                  "checkpoint path, or start without resume_from.")
+        return found[-1]
+    path = Path(resume_from).expanduser()
+    if read_state(path) is None:
+        if (path / "state.pt").is_file():
+            raise unreadable(path, STATE_FILE, FileNotFoundError("missing"))
+        raise CheckpointError(f"resume_from={str(resume_from)!r} is not a checkpoint folder (no "
+                              f"{STATE_FILE} in it): pass a checkpoint-{{step}}/ folder written "
+                              "by train.")
+    return path
+
+
+def load(resume_from, config: TrainConfig, now: dict | None) -> dict:
+    """Everything a resume needs, read and checked against this run before any work: the
+    config, the fingerprints (data, base model, LoRA, load dtype, processes), the files."""
+    from safetensors.torch import load_file
+
+    path = _checkpoint_path(resume_from, config)
+    trainer_state = read_state(path)
+    try:
+        saved = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise unreadable(path, "config.json", err) from None
+    defaults = asdict(TrainConfig())  # a field added since the checkpoint was written: default
+    changed = {k: (saved.get(k, defaults[k]), v) for k, v in asdict(config).items()
+               if k not in _RESUMABLE and saved.get(k, defaults[k]) != v}
+    if changed:
+        raise CheckpointError(f"{path} was written with other settings {changed} (saved, now): "
+                              "resume with the config it was trained with.")
+    steps_done = trainer_state["steps_done"]
+    if config.max_steps < steps_done:
+        raise CheckpointError(f"{path} has {steps_done} steps done, more than max_steps="
+                              f"{config.max_steps}: set max_steps >= {steps_done} to continue "
+                              "the run, or resume from an earlier checkpoint.")
+    changes = [] if now is None else changed_fingerprints(trainer_state.get("fingerprints", {}),
+                                                           now)
+    if changes:
+        raise CheckpointError(f"{path} is another run's: {'; '.join(changes)}. Resume with the "
+                              "model, data and settings it was trained with, or start a new run "
+                              "(another output_dir, or overwrite_output_dir=True).")
+    loaded = {"path": path, "run_id": trainer_state["run_id"], "steps_done": steps_done}
+    for key, name, read in (("weights", "trainable.safetensors", load_file),
+                            ("state", "state.pt", lambda f: torch.load(f, weights_only=True)),
+                            ("history", "history.json", History.from_json)):
+        try:
+            loaded[key] = read(path / name)
+        except Exception as err:  # noqa: BLE001 - truncated, damaged, missing: all named
+            raise unreadable(path, name, err) from None
+    return loaded
+
+
+def save(run, steps_done: int) -> Path | None:
+    """Write output_dir/checkpoint-{steps_done}/ (atomically) and prune this run's old ones.
+
+    Only rank 0 writes (every process holds the same state); the others return None.
+    Non-finite weights or optimiser state are never written: every process raises
+    NonFiniteLossError instead, and the newest finite checkpoint stays.
+    """
+    from safetensors.torch import save_file
+
+    root = Path(run.config.output_dir)
+    weights = {n: p.detach().cpu().contiguous() for n, p in run._trainable().items()}
+    optimizer = run.optimizer.state_dict()
+    if not (all_finite(weights) and all_finite(optimizer["state"])):
+        newest = checkpoints(root)
+        raise NonFiniteLossError(
+            f"the weights or optimiser state became non-finite by step {steps_done}, so no "
+            f"checkpoint was written (the newest finite one: "
+            f"{newest[-1] if newest else 'none'}): {_divergence_fix(run.config)}")
+    if run.world.rank != 0:
+        return None
+    final, tmp = root / f"checkpoint-{steps_done}", root / f"checkpoint-{steps_done}.tmp"
+    with run.stops.deferred():  # a half-written checkpoint is never left as the newest
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(weights, tmp / "trainable.safetensors")
+        caches = {"reference": run.reference.cache,
+                  "eval_reference": getattr(run.eval_reference, "cache", None)}
+        torch.save({"steps_done": steps_done, "optimizer": optimizer,
+                    "scheduler": run.scheduler.state_dict(),
+                    "scaler": run.scaler.state_dict(), "caches": caches,
+                    "world_size": run.world.size, **run.step_state}, tmp / "state.pt")
+        (tmp / "config.json").write_text(json.dumps(asdict(run.config), indent=1))
+        run.history.to_json(tmp / "history.json")
+        if _is_peft(run.model):  # loadable with load_adapter, too
+            save_adapter(run.model, tmp / "adapter")
+        # Written last: a folder without it is incomplete and is never resumed from.
+        (tmp / STATE_FILE).write_text(json.dumps(
+            {"steps_done": steps_done, "run_id": run.run_id, "finite": True,
+             "fingerprints": run.fingerprints}, indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        run.saved_at = steps_done
+        limit = run.config.save_total_limit
+        for old in (checkpoints(root, run.run_id)[:-limit] if limit else []):
+            shutil.rmtree(old)
+    return final
+
+
+def restore(run, checkpoint: dict) -> None:
+    """Put a loaded checkpoint (`load`) into a run: weights, optimiser, schedule, scaler, data
+    position, RNG, reference caches and History."""
+    weights, trainable = checkpoint["weights"], run._trainable()
+    path, state = checkpoint["path"], checkpoint["state"]
+    if set(weights) != set(trainable) or any(
+            weights[n].shape != p.shape for n, p in trainable.items()):
+        raise CheckpointError(f"{path} holds trainable weights of another model (names or "
+                              "shapes differ): resume with the model and adapter settings "
+                              "it was trained with.")
+    with torch.no_grad():
+        for name, p in trainable.items():
+            p.copy_(weights[name])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.scaler.load_state_dict(state["scaler"])
+    run.batches.restore(state["batches"])
+    torch.set_rng_state(state["rng"])
+    run.reference = Reference(cache=state["caches"]["reference"])
+    run.eval_reference = Reference(cache=state["caches"]["eval_reference"])
+    if run.eval_pairs is not None and run.eval_reference.cache is None and not _is_peft(
+            run.model):
+        raise CheckpointError(f"{path} was saved without eval_data; its full fine-tuning "
+                              "run has no frozen reference for it: resume without "
+                              "eval_data.")
+    run.history = checkpoint["history"]
+    run.start = run.done = state["steps_done"]

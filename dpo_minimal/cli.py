@@ -10,19 +10,24 @@ the same options; flags given on the command line override it.
 """
 
 import argparse
+import dataclasses
 import json
+import math
 import os
 import signal
 import sys
-import types
+import time
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from .checkpoint import check_output_dir
+from .checkpoint import check_output_dir, check_output_file
+from .config import _value_type, read_options_file
+from .distributed import init_process_group
 from .losses import LOSSES
-from .train import DTYPES, SCHEDULERS, NonFiniteLossError, TrainConfig
+from .models import ARCHITECTURES
+from .train import DTYPES, SCHEDULERS, History, NonFiniteLossError, TrainConfig
 
-TINY = ("gpt2", "phi", "llama")  # the keys of dpo_minimal.models.ARCHITECTURES
+TINY = tuple(ARCHITECTURES)  # the families tiny_model builds
 CHOICES = {"loss_type": LOSSES, "dtype": DTYPES, "lr_scheduler": SCHEDULERS, "tiny": TINY,
            "load_dtype": ("auto", *DTYPES)}
 METAVARS = {"model": "NAME_OR_DIR", "data": "FILE_OR_HUB_NAME", "eval_data": "FILE_OR_HUB_NAME",
@@ -31,6 +36,8 @@ METAVARS = {"model": "NAME_OR_DIR", "data": "FILE_OR_HUB_NAME", "eval_data": "FI
 TRAIN_OPTIONS = {
     "model": (None, str, "a Hub model name or a local folder (from_pretrained)"),
     "tiny": (None, str, f"a tiny offline model of one architecture: {', '.join(TINY)}"),
+    "pretrained": (False, bool, "with --tiny gpt2: the shipped GPT-2 trained on the course's "
+                   "task world, not a random one"),
     "data": (None, str, "preference pairs: a .jsonl/.json file or a Hub data set name"),
     "split": ("train", str, "the split of a Hub data set"),
     "eval_data": (None, str, "held-out pairs, evaluated every --eval-every steps and at the end"),
@@ -47,32 +54,14 @@ TRAIN_OPTIONS = {
                    "--tiny, else --dtype), float32, float16 or bfloat16"),
     "resume": (False, bool, "continue from the newest checkpoint in --output-dir"),
     "resume_from": (None, str, "continue from this checkpoint-{step}/ folder"),
+    "num_train_epochs": (None, float, "passes over the data; sets max_steps from the data's "
+                         "size and the global batch (TRL's name; max_steps wins if given too)"),
 }
 # Where the command line's default differs from the library's.
 CLI_DEFAULTS = {"logging_steps": 10}
 EVAL_FIELDS = ("beta", "loss_type", "label_smoothing", "simpo_gamma", "desirable_weight",
                "undesirable_weight", "max_length", "max_prompt_length", "dtype",
                "eval_batch_size", "device", "fused_gelu", "drop_overlong")
-
-
-def _field_help() -> dict[str, str]:
-    """Each TrainConfig field's comment in its source (the comment is the flag's help)."""
-    import inspect
-    import re
-
-    try:
-        source = inspect.getsource(TrainConfig)
-    except OSError:  # no source (a frozen build): flags without help text
-        return {}
-    return dict(re.findall(r"^\s+(\w+): [^=]+=[^#\n]*#\s*(.+)$", source, re.M))
-
-
-def _value_type(annotation) -> tuple[type, bool]:
-    """(the type, whether None is allowed) of a TrainConfig annotation such as `float | None`."""
-    if isinstance(annotation, types.UnionType):
-        kinds = [a for a in annotation.__args__ if a is not type(None)]
-        return kinds[0], True
-    return annotation, False
 
 
 def _converter(kind: type, optional: bool):
@@ -90,8 +79,18 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-# Shorter names that a flag also answers to.
-ALIASES = {"overwrite_output_dir": ("--overwrite",)}
+# Other names a flag answers to: TRL's and transformers' (TrainingArguments) for the same
+# setting, and a short one. Every option also answers to its name with underscores.
+ALIASES = {"overwrite_output_dir": ("--overwrite",),
+           "batch_size": ("--per_device_train_batch_size", "--per-device-train-batch-size"),
+           "eval_batch_size": ("--per_device_eval_batch_size", "--per-device-eval-batch-size"),
+           "eval_every": ("--eval_steps", "--eval-steps"),
+           "lr_scheduler": ("--lr_scheduler_type", "--lr-scheduler-type")}
+
+
+def _names(name: str) -> list[str]:
+    """The flags of option `name`: --its-name, --its_name and its ALIASES."""
+    return list(dict.fromkeys([_flag(name), f"--{name}", *ALIASES.get(name, ())]))
 
 
 def _add_option(group, name: str, default, kind: type, help: str, optional: bool = False):
@@ -99,23 +98,23 @@ def _add_option(group, name: str, default, kind: type, help: str, optional: bool
     shown = help if "default" in help else f"{help} (default: {default})".strip()
     shown = shown.replace("%", "%%")
     if kind is bool:
-        group.add_argument(_flag(name), *ALIASES.get(name, ()), dest=name,
-                           action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                           help=shown)
+        group.add_argument(*_names(name), dest=name, action=argparse.BooleanOptionalAction,
+                           default=argparse.SUPPRESS, help=shown)
         return
     choices = list(CHOICES[name]) if name in CHOICES else None
-    group.add_argument(_flag(name), type=_converter(kind, optional), choices=choices,
-                       default=argparse.SUPPRESS, help=shown,
+    group.add_argument(*_names(name), dest=name, type=_converter(kind, optional),
+                       choices=choices, default=argparse.SUPPRESS, help=shown,
                        metavar=None if choices else METAVARS.get(name, kind.__name__.upper()))
 
 
 def _add_config_fields(group, names=None) -> None:
-    helps = _field_help()
+    """A flag per TrainConfig field: its type, default and help (the field's metadata)."""
     for field in fields(TrainConfig):
         if names is None or field.name in names:
             kind, optional = _value_type(field.type)
             default = CLI_DEFAULTS.get(field.name, field.default)
-            _add_option(group, field.name, default, kind, helps.get(field.name, ""), optional)
+            _add_option(group, field.name, default, kind, field.metadata.get("help", ""),
+                        optional)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a YAML or JSON file of options (keys as the flags' names, "
                        "- or _); flags override it")
     model = train.add_argument_group("model and data")
-    for name in ("model", "tiny", "data", "split", "eval_data", "eval_split", "load_dtype"):
+    for name in ("model", "tiny", "pretrained", "data", "split", "eval_data", "eval_split",
+                 "load_dtype", "num_train_epochs"):
         _add_option(model, name, *TRAIN_OPTIONS[name])
     lora = train.add_argument_group("LoRA or full fine-tuning")
     for name in ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "full", "fsdp"):
@@ -171,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     plan.add_argument("model", nargs="?", help="Hub name, model folder or config.json")
     plan.add_argument("--tiny", choices=TINY, help="the tiny offline model instead")
+    plan.add_argument("--config-json", type=Path, metavar="FILE",
+                      help="a model's config.json (instead of MODEL)")
+    plan.add_argument("--arch", choices=TINY, help="plan an unregistered family's blocks as "
+                      "this family's (default: read off the model)")
     plan.add_argument("--batch-pairs", type=int, default=2, help="pairs per micro-batch per GPU")
     plan.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
     plan.add_argument("--dtype", choices=list(DTYPES), default="float16",
@@ -198,56 +202,17 @@ def main(argv: list[str] | None = None) -> int:
 
 # -- train ---------------------------------------------------------------------------------
 
-def _read_config_file(path: Path, parser) -> dict:
-    """The options in a YAML or JSON file (UTF-8), keys normalised to the flags' names (dashes
-    ok). A string where a float is due (YAML 1.1 reads 1e-4 as one) is converted."""
-    if path.is_dir():
-        parser.error(f"--config {path} is a directory; pass the YAML or JSON file of options "
-                     "inside it (e.g. options.yaml).")
-    if not path.is_file():
-        parser.error(f"--config {path}: no such file.")
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        parser.error(f"--config {path}: line {line}: byte 0x{data[err.start]:02x} is not UTF-8; "
-                     "save the file as UTF-8.")
-    yaml_file = path.suffix.lower() in (".yaml", ".yml")
-    try:
-        if yaml_file:
-            import yaml
 
-            values = yaml.safe_load(text)
-        else:
-            values = json.loads(text)
-    except Exception as err:  # yaml and json raise their own error types
-        parser.error(f"--config {path} is not valid {'YAML' if yaml_file else 'JSON'}: {err}")
-    if values is None:
-        return {}
-    if not isinstance(values, dict):
-        parser.error(f"--config {path} must hold a mapping of option: value, got a "
-                     f"{type(values).__name__}.")
-    values = {str(key).replace("-", "_"): value for key, value in values.items()}
-    known = set(TRAIN_OPTIONS) | {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        parser.error(f"--config {path}: unknown option(s) {', '.join(unknown)}; the options are "
-                     f"the flags of `dpo-minimal train --help` ({', '.join(sorted(known))}).")
-    if isinstance(values.get("lora_targets"), list):  # a YAML list of module names
-        values["lora_targets"] = ",".join(map(str, values["lora_targets"]))
+def _read_config_file(path: Path, parser) -> dict:
+    """The options in a --config file (`config.read_options_file`); an error exits 2."""
     kinds = {name: kind for name, (_, kind, _) in TRAIN_OPTIONS.items()}
     kinds.update((f.name, _value_type(f.type)[0]) for f in fields(TrainConfig))
-    for name, kind in kinds.items():
-        value = values.get(name)
-        if kind is float and isinstance(value, str):
-            try:  # YAML 1.1 has no exponent without a dot: it reads 1e-4 as a string
-                value = values[name] = float(value)
-            except ValueError:
-                pass
-        if value is not None and not (kind is bool if isinstance(value, bool) else (
-                isinstance(value, kind) or (kind is float and isinstance(value, int)))):
-            parser.error(f"--config {path}: {name} must be {kind.__name__}, got {value!r}.")
+    try:
+        values = read_options_file(path, kinds)
+    except ValueError as err:
+        parser.error(f"--config {err}")
+    if values.get("lora_targets") is not None and isinstance(values["lora_targets"], list):
+        values["lora_targets"] = ",".join(map(str, values["lora_targets"]))
     return values
 
 
@@ -268,6 +233,15 @@ def _options(args, parser) -> tuple[dict, TrainConfig]:
     except ValueError as err:
         parser.error(str(err))
     options = {k: v for k, v in merged.items() if k not in names}
+    options["max_steps_given"] = "max_steps" in from_file or "max_steps" in given
+    if options["pretrained"] and options["tiny"] not in ("gpt2", None):
+        parser.error(f"--pretrained: no pretrained tiny {options['tiny']} ships; use --tiny gpt2 "
+                     "--pretrained, or drop --pretrained.")
+    if options["pretrained"] and options["tiny"] is None:
+        parser.error("--pretrained goes with --tiny gpt2 (a --model is loaded as it is).")
+    epochs = options["num_train_epochs"]
+    if epochs is not None and not (math.isfinite(epochs) and epochs > 0):
+        parser.error(f"--num-train-epochs must be > 0, got {epochs}.")
     if (options["model"] is None) == (options["tiny"] is None):
         parser.error("give exactly one of --model NAME_OR_FOLDER and --tiny "
                      f"{{{','.join(TINY)}}}.")
@@ -314,7 +288,8 @@ def _load_model(options: dict, config: TrainConfig):
     if load_dtype == "auto":
         load_dtype = "float32" if options["full"] or options["tiny"] else config.dtype
     if options["tiny"]:
-        model, tokenizer = tiny_model(options["tiny"])  # seed 0: the same base every time
+        # seed 0: the same base every time
+        model, tokenizer = tiny_model(options["tiny"], pretrained=options["pretrained"])
         model = model.to(DTYPES[load_dtype])
     else:
         model, tokenizer = load_model(options["model"], dtype=DTYPES[load_dtype])
@@ -333,28 +308,40 @@ def _load_model(options: dict, config: TrainConfig):
 
 def _train_command(args, parser) -> int:
     from .data import load_preferences
-    from .train import History, shard_fsdp, train
+    from .distributed import shard_fsdp
+    from .train import train
 
     options, config = _options(args, parser)
+    init_process_group()  # under torchrun / accelerate launch: join the other processes
     rank, _, world = _rank()
     say = print if rank == 0 else (lambda *a, **k: None)
     try:
+        # The rows are checked before the model loads (a bad file is found in seconds), then
+        # rendered with the model's own chat template.
+        load_preferences(options["data"], split=options["split"])
+        if options["eval_data"] is not None:
+            load_preferences(options["eval_data"], split=options["eval_split"])
         model, tokenizer = _load_model(options, config)
-        # Conversational rows are rendered with the model's own chat template.
         data = load_preferences(options["data"], split=options["split"], tokenizer=tokenizer)
         eval_data = (None if options["eval_data"] is None else
                      load_preferences(options["eval_data"], split=options["eval_split"],
                                       tokenizer=tokenizer))
         unit = "examples" if "completion" in data.column_names else "pairs"  # KTO's unpaired rows
+        global_batch = config.batch_size * config.gradient_accumulation_steps * world
+        if options["num_train_epochs"] is not None and not options["max_steps_given"]:
+            steps = max(1, math.ceil(options["num_train_epochs"] * len(data) / global_batch))
+            config = dataclasses.replace(config, max_steps=steps)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         model = shard_fsdp(model, config.dtype) if options["fsdp"] else model
         say(f"dpo-minimal: {options['model'] or 'tiny ' + options['tiny']}, "
             f"{'full fine-tuning' if options['full'] else 'LoRA r=' + str(options['lora_r'])}"
             f"{' sharded by FSDP' if options['fsdp'] else ''}, {trainable:,} trainable "
             f"parameters; {len(data)} {unit}; {world} process(es), global batch "
-            f"{config.batch_size * config.gradient_accumulation_steps * world} {unit}.")
+            f"{global_batch} {unit}; {config.max_steps} steps.")
         resume = True if options["resume"] else options["resume_from"]
+        start = time.perf_counter()
         history = train(model, tokenizer, data, config, eval_data=eval_data, resume_from=resume)
+        seconds = time.perf_counter() - start
     except (ValueError, FileNotFoundError, OSError) as err:
         parser.error(str(err))
     except KeyboardInterrupt as err:
@@ -369,7 +356,7 @@ def _train_command(args, parser) -> int:
         return 1
     out = Path(config.output_dir)
     written = _write_outputs(model, tokenizer, History(history), options, config, out, rank)
-    say("dpo-minimal: wrote " + ", ".join(str(p) for p in written))
+    say(History(history).summary(seconds, written))
     _leave_process_group()
     return 0
 
@@ -377,7 +364,7 @@ def _train_command(args, parser) -> int:
 def _write_outputs(model, tokenizer, history, options, config, out: Path, rank: int) -> list:
     """The adapter (or the full model), history.json, metrics.png and run.json; rank 0 only."""
     from .adapters import save_adapter
-    from .train import full_state_dict
+    from .distributed import full_state_dict
 
     state = full_state_dict(model) if options["full"] else None  # every process takes part
     if rank != 0:
@@ -391,8 +378,7 @@ def _write_outputs(model, tokenizer, history, options, config, out: Path, rank: 
         weights = save_adapter(model, out / "adapter")
     run = {**options, **asdict(config)}
     (out / "run.json").write_text(json.dumps(run, indent=1, default=str))
-    return [weights, history.to_json(out / "history.json"), plot_history(history,
-                                                                        out / "metrics.png")]
+    return [weights, history.to_json(out / "history.json"), history.plot(out / "metrics.png")]
 
 
 def _leave_process_group() -> None:
@@ -402,36 +388,8 @@ def _leave_process_group() -> None:
         dist.destroy_process_group()
 
 
-def plot_history(history, path: Path) -> Path:
-    """Loss, accuracy, margin and rewards against the step, held-out values as markers: a PNG."""
-    import math
-
-    from matplotlib.figure import Figure  # no pyplot: no global figure state, any backend
-
-    fig = Figure(figsize=(10, 6.5))
-    panels = [("loss", "DPO loss", "loss (nats)"),
-              ("rewards/accuracies", "reward accuracy", "share of pairs won"),
-              ("rewards/margins", "reward margin", "beta x log-ratio (nats)"),
-              (("rewards/chosen", "rewards/rejected"), "rewards", "beta x log-ratio (nats)")]
-    for i, (keys, title, unit) in enumerate(panels):
-        ax = fig.add_subplot(2, 2, i + 1)
-        for key in (keys,) if isinstance(keys, str) else keys:
-            steps, values = history.series(key)
-            ax.plot(steps, values, label=f"train {key.split('/')[-1]}")
-            steps, values = history.series(f"eval/{key}")
-            if steps:
-                ax.plot(steps, values, "o--", label=f"held-out {key.split('/')[-1]}")
-        if keys == "loss":
-            ax.axhline(math.log(2), color="grey", lw=0.8, ls=":", label="ln 2")
-        ax.set(title=title, xlabel="optimiser step", ylabel=unit)
-        ax.legend(fontsize=8)
-    fig.suptitle("dpo-minimal training metrics")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path
-
-
 # -- eval ----------------------------------------------------------------------------------
+
 
 def _eval_command(args, parser) -> int:
     from .adapters import load_adapter
@@ -447,6 +405,9 @@ def _eval_command(args, parser) -> int:
     names = {f.name for f in fields(TrainConfig)}
     try:
         config = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+        if args.output is not None:
+            check_output_file(args.output, '--output')
+        load_preferences(args.data, split=args.split)  # a bad file is found before the model
         model, tokenizer = tiny_model(args.tiny) if args.tiny else load_model(args.model)
         if args.adapter is not None:
             model = load_adapter(model, args.adapter)
@@ -463,6 +424,7 @@ def _eval_command(args, parser) -> int:
 
 
 # -- plan ----------------------------------------------------------------------------------
+
 
 def _model_config(args, parser):
     """The transformers config of `plan`'s model, from the cache or disk only (never the Hub)."""
@@ -506,11 +468,16 @@ def _plan_command(args, parser) -> int:
         parser.error(f"--processes must be >= 1, got {args.processes}.")
     if args.fsdp and not args.full:
         parser.error("--fsdp plans full fine-tuning: add --full.")
+    if args.config_json is not None:
+        if args.model is not None:
+            parser.error("give MODEL or --config-json, not both.")
+        args.model = str(args.config_json)
     config = _model_config(args, parser)
     try:
         plan = plan_memory(config, batch_pairs=args.batch_pairs, seq_len=args.seq_len,
                            dtype=args.dtype, lora_r=0 if args.full else args.lora_r,
-                           gradient_checkpointing=args.gradient_checkpointing)
+                           gradient_checkpointing=args.gradient_checkpointing,
+                           arch=ARCHITECTURES[args.arch] if args.arch else None)
     except ValueError as err:
         parser.error(str(err))
     if args.fsdp or args.processes > 1:

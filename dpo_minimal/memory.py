@@ -18,6 +18,13 @@ DTYPE_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 # layer_norm in float32 under autocast; RMSNorm casts to float32 in Python), plus float32
 # statistics: mean and 1/std for layer_norm, 1/rms for RMSNorm.
 _NORM_BYTES = {"layernorm": lambda h: 4 * h + 8, "rmsnorm": lambda h: 4 * h + 4}
+# Bytes per response position and vocabulary entry at the step's peak, the start of the
+# backward pass through `logprobs.response_logps`: the float32 logits that logsumexp keeps, and
+# its gradient grad * exp(x - lse), which holds x - lse, its exp and the product, all float32
+# (N, V). The LM head's output in the compute dtype is gone by then. Measured on CPU by
+# tests/test_memory.py (live tensor bytes) and on an H200 (GPT-2 124M 8 x 512: 6.09 GiB peak;
+# the earlier count, one float32 copy plus the (2B, T, V) logits, planned 4.58).
+LOGIT_BYTES = 16
 
 
 def _dtype(dtype) -> torch.dtype:
@@ -41,16 +48,40 @@ def _dims(config) -> dict:
 
 
 def _architecture(config, arch: Architecture | None) -> Architecture:
-    """`arch`, or the registry's entry for the config's family (else a ValueError)."""
+    """`arch`, the registry's entry for the config's family, or one read off its model."""
     if arch is not None:
         return arch
-    if config.model_type not in ARCHITECTURES:
+    if config.model_type in ARCHITECTURES:
+        return ARCHITECTURES[config.model_type]
+    return inferred_architecture(config)
+
+
+def inferred_architecture(config) -> Architecture:
+    """An `Architecture` for a family without a registry entry, read off its model on the meta
+    device: a SwiGLU MLP (gate, up, down) or a two-layer one (fc1, fc2 or c_fc, c_proj), its
+    norms (RMSNorm or LayerNorm, counted in the first block), peft's LoRA targets, and the
+    model's own forward for the logits (no head shortcut). Raises ValueError, naming the way
+    out, for a block it does not recognise."""
+    model = meta_model(config)
+    names = {name.split(".")[-1] for name, _ in model.named_modules()}
+    first = next((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), None)
+    block = first[0] if first is not None and len(first) else None
+    if block is None or not ({"gate_proj", "up_proj", "down_proj"} <= names
+                             or {"fc1", "fc2"} <= names):
         raise ValueError(
-            f"the memory planner knows {', '.join(ARCHITECTURES)}, not model_type "
-            f"{config.model_type!r}: pass arch=, an Architecture describing its blocks (e.g. "
-            "dpo_minimal.models.ARCHITECTURES['llama'] for a Llama-like family), or add an "
-            "entry for it to ARCHITECTURES.")
-    return ARCHITECTURES[config.model_type]
+            f"the memory planner cannot read the blocks of model_type {config.model_type!r}: "
+            "pass arch=, an Architecture describing them (e.g. dpo_minimal.models."
+            "ARCHITECTURES['llama'] for a Llama-like family), or add an entry to ARCHITECTURES.")
+    norms = [m for m in block.modules() if "norm" in type(m).__name__.lower()]
+    rms = any("rms" in type(m).__name__.lower() for m in norms)
+    swiglu = {"gate_proj", "up_proj", "down_proj"} <= names
+    out_proj = next((n for n in ("o_proj", "dense", "out_proj") if n in names), "o_proj")
+    return Architecture(
+        model_class=type(model), tiny_config=None, lora_targets=tuple(lora_target_names(model)),
+        fan_in_fan_out=False, plain_head=False, mlp="swiglu" if swiglu else "gelu",
+        norm="rmsnorm" if rms else "layernorm", norms_per_block=max(1, len(norms)),
+        shared_inputs=(("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")),
+        attn_out_proj=out_proj)
 
 
 def meta_model(config):
@@ -191,14 +222,23 @@ def plan_memory(config, *, batch_pairs: int, seq_len: int, dtype, lora_r: int = 
         activations_checkpointing: L * 2B * T * h * s (each layer's input) plus one layer's
             activations, rebuilt during the backward pass;
         activations: the one of those two that `gradient_checkpointing` selects;
-        logits: the (2B, T, V) logits in the compute dtype, plus the float32 copy that
-            `sequence_logps` makes at response positions only (2B * (T-1) * response_fraction);
+        logits: the vocabulary-wide tensors of the log-softmax at the N = 2B * (T-1) *
+            `response_fraction` response positions, at their peak: the start of the backward
+            pass, when `response_logps`'s float32 logits (kept by logsumexp for its backward)
+            and the three float32 (N, V) tensors of logsumexp's gradient, grad * exp(x - lse),
+            are alive together with every stored activation: 16 N V bytes (`LOGIT_BYTES`).
+            The trainer applies the LM head at the response positions only
+            (`logprobs.response_logits`), so no (2B, T, V) tensor exists; for a family whose
+            `Architecture.plain_head` is False the model's full (2B, T, V) logits in the compute
+            dtype are added (an estimate: no such family is registered, so none was measured);
         cuda_context: `cuda_context_gib`;
         total: the sum of weights, LoRA, optimiser, activations, logits and cuda_context.
 
     The reference log-probs come from the same model with its adapter disabled, under no_grad:
     no second copy of the weights and no stored activations (its passing peak is below the
-    policy's). Full fine-tuning in `dpo_minimal.train` caches them before training instead.
+    policy's). With gradient checkpointing the total slightly overestimates: the one layer
+    rebuilt in the backward pass and the logits' peak are not alive at the same time. Full
+    fine-tuning in `dpo_minimal.train` caches them before training instead.
     """
     dtype = _dtype(dtype)
     for name, value in (("batch_pairs", batch_pairs), ("seq_len", seq_len), ("lora_r", lora_r)):
@@ -233,7 +273,9 @@ def plan_memory(config, *, batch_pairs: int, seq_len: int, dtype, lora_r: int = 
     no_ckpt = d["L"] * tokens * per_layer
     ckpt = d["L"] * tokens * d["h"] * s + tokens * per_layer
     response_rows = 2 * batch_pairs * (seq_len - 1) * response_fraction
-    logits = tokens * d["V"] * s + response_rows * d["V"] * 4
+    logits = response_rows * d["V"] * LOGIT_BYTES
+    if not arch.plain_head:  # the model's own forward builds every position's logits
+        logits += tokens * d["V"] * s
     plan = {
         "weights": weights / GIB,
         "lora_parameters": adapter / GIB,

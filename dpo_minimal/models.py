@@ -230,27 +230,43 @@ def load_model(name: str, dtype: torch.dtype | None = None, device: str | None =
     return model.eval(), tokenizer
 
 
-def lora_target_names(model, target_modules: list[str] | None = None) -> list[str]:
-    """`target_modules`, or the default LoRA targets of the model's family in `ARCHITECTURES`."""
+def lora_target_names(model, target_modules: list[str] | str | None = None) -> list[str]:
+    """The module names LoRA wraps: `target_modules`, or the family's defaults.
+
+    Defaults come from `ARCHITECTURES` for the course's families, else from peft's per-family
+    table (e.g. Qwen2, Mistral: q_proj, v_proj), else every linear layer but the output head.
+    "all-linear" (peft's name) asks for the last one on any model.
+    """
+    if target_modules in ("all-linear", ["all-linear"]):
+        return _all_linear(model)
     if target_modules is not None:
         return list(target_modules)
-    if model_type(model) not in ARCHITECTURES:
-        raise ValueError(
-            f"no default LoRA targets for model_type {model_type(model)!r} (known: "
-            f"{', '.join(ARCHITECTURES)}): pass target_modules, e.g. the names of its attention "
-            "and MLP projections, or add an Architecture entry to ARCHITECTURES.")
-    return list(ARCHITECTURES[model_type(model)].lora_targets)
+    if model_type(model) in ARCHITECTURES:
+        return list(ARCHITECTURES[model_type(model)].lora_targets)
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT
+
+    return list(PEFT.get(model_type(model), ())) or _all_linear(model)
+
+
+def _all_linear(model) -> list[str]:
+    """The names of every Linear (or GPT-2 Conv1D) layer, the output head excepted."""
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings()
+    return sorted({name.split(".")[-1] for name, module in model.named_modules()
+                   if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head})
 
 
 def add_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.05,
-             target_modules: list[str] | None = None):
+             target_modules: list[str] | str | None = None):
     """Wrap `model` in a peft LoRA adapter; the base weights are frozen.
 
     Default targets are the family's `Architecture.lora_targets`: GPT-2 c_attn, c_proj, c_fc
     (Conv1D, fan_in_fan_out); phi q_proj, k_proj, v_proj, dense, fc1, fc2; Llama q_proj,
-    k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj. An unregistered family needs
-    `target_modules`. LoRA's B starts at zero, so the wrapped model computes exactly what the
-    base model does until it is trained.
+    k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj. Another family gets peft's defaults
+    (`lora_target_names`); target_modules="all-linear" wraps every linear layer but the head.
+    LoRA's B starts at zero, so the wrapped model computes exactly what the base model does
+    until it is trained.
     """
     from peft import LoraConfig, get_peft_model
     from transformers.pytorch_utils import Conv1D

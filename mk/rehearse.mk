@@ -4,8 +4,11 @@
 #                      DPO_COURSE_REHEARSAL=1 capping steps and sizes; fails on any error cell.
 #                      Executed copies and REPORT.md in build/rehearsal/; notebooks/ is not written.
 # make test-colab    : unit tests + nbval-lax in .venv-colab, on the lowest versions Colab has.
-# make gpu-check-dry : benchmarks/gpu_check.sh --dry-run (CPU, tiny configs, seconds).
-.PHONY: rehearse fake-hub test-colab gpu-check-dry
+# make rehearse-cuda : the same with CUDA visible: the tiny models train on the GPU (issue 26);
+#                      exit status 2 without one.
+# make gpu-check-dry : benchmarks/gpu_check.sh --dry-run (CPU, tiny configs, seconds): the CUDA
+#                      rehearsal's wiring, the GPU check and bench_vs_trl.py --device cuda.
+.PHONY: rehearse rehearse-cuda fake-hub test-colab gpu-check-dry
 
 fake-hub: $(STAMP)
 	$(PY) scripts/fake_hub_cache.py build/fake-hub
@@ -13,6 +16,9 @@ fake-hub: $(STAMP)
 # REHEARSE_ARGS="notebooks/04_lora_dpo_gpt2.ipynb" rehearses one notebook.
 rehearse: $(STAMP)
 	$(PY) scripts/rehearse.py $(REHEARSE_ARGS)
+
+rehearse-cuda: $(STAMP)
+	$(PY) scripts/rehearse.py --cuda $(REHEARSE_ARGS)
 
 COLAB_VENV := .venv-colab
 COLAB_PY := $(COLAB_VENV)/bin/python

@@ -5,15 +5,15 @@
 # make screenshots : the browser test, writing figures/slides_nbNN.png and figures/site_home.png
 .PHONY: slides site handout screenshots
 
-slides: $(STAMP)
+slides: $(SITE_STAMP)
 	$(PY) scripts/build_slides.py --out build/slides
 
-site: $(STAMP)
+site: $(SITE_STAMP)
 	$(PY) scripts/build_site.py --out build/site
 
 handout: site
 	@echo "Print build/site/handout.html from a browser (laid out for A4)."
 
-screenshots: $(STAMP)
+screenshots: $(SITE_STAMP)
 	DPO_COURSE_SCREENSHOTS=$(CURDIR)/figures DPO_COURSE_REQUIRE_BROWSER=1 \
 	  $(PY) -m pytest -q tests/test_browser.py

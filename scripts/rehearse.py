@@ -2,6 +2,8 @@
 
     python scripts/rehearse.py                      # every notebooks/*.ipynb (make rehearse)
     python scripts/rehearse.py notebooks/04_lora_dpo_gpt2.ipynb   # one notebook
+    python scripts/rehearse.py --cuda               # CUDA visible (make rehearse-cuda)
+    python scripts/rehearse.py --cuda --dry-run     # on any machine: the wiring, nothing executed
 
 Full mode downloads gpt2, microsoft/phi-2 and jondurbin/truthy-dpo-v0.1 and trains on a GPU, so
 CI never ran it. Here scripts/fake_hub_cache.py puts tiny random models and a stand-in data set
@@ -14,6 +16,13 @@ The notebooks are read, never written: each runs as a copy in build/rehearsal/ (
 stay there to inspect), with every exercise solution inserted where its cell stands and run in a
 copy of the notebook's globals, as the nbval run does (tests/notebook_tools.py). Every error cell
 is reported (notebook, cell, exception, first line); the exit status is 1 if there was any.
+
+With --cuda the kernels see the machine's GPU (CUDA_VISIBLE_DEVICES is left as it is), so the
+tiny models train on it: the notebooks' full-mode device handling (a batch built on the CPU fed
+to a model on the GPU) runs for real, which a CPU rehearsal cannot check. It stops with exit
+status 2 when no CUDA GPU is visible; --dry-run then checks the wiring on a CPU instead: it
+builds the fake Hub, prints the notebooks and the kernels' environment, and executes nothing.
+benchmarks/gpu_check.sh runs the CUDA rehearsal first.
 """
 
 import argparse
@@ -28,9 +37,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 
-def rehearsal_env(hub: Path, out: Path) -> dict:
-    """The environment variables a rehearsal kernel runs with."""
-    return {
+def rehearsal_env(hub: Path, out: Path, cuda: bool = False) -> dict:
+    """The environment variables a rehearsal kernel runs with (`cuda`: the GPU stays visible)."""
+    env = {
         "DPO_COURSE_MODE": "full",
         "DPO_COURSE_REHEARSAL": "1",
         "DPO_COURSE_FIGURES": str(out / "figures"),
@@ -49,6 +58,9 @@ def rehearsal_env(hub: Path, out: Path) -> dict:
         # each other cost minutes (the smoke notebooks call torch.set_num_threads(1) for this).
         "OMP_NUM_THREADS": "1",
     }
+    if cuda:  # the caller's CUDA_VISIBLE_DEVICES (or none: every GPU) decides
+        del env["CUDA_VISIBLE_DEVICES"]
+    return env
 
 
 def read_notebook(path: Path, tries: int = 5, wait: float = 3.0):
@@ -171,6 +183,13 @@ def report(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cuda_available() -> bool:
+    """torch sees a CUDA GPU (imported here only: a dry run on a CPU needs no more)."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("notebooks", nargs="*", type=Path,
@@ -182,17 +201,47 @@ def main() -> int:
     parser.add_argument("--timeout", type=int, default=300, help="seconds per cell")
     parser.add_argument("--no-solutions", action="store_true",
                         help="do not run the exercise solutions")
+    parser.add_argument("--cuda", action="store_true",
+                        help="leave CUDA visible: the tiny models train on the GPU (exit 2 "
+                             "without one; default --out build/rehearsal-cuda)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="build the fake Hub, print the notebooks and the kernels' "
+                             "environment, execute nothing (works without a GPU)")
     args = parser.parse_args()
+    if args.cuda and args.out == ROOT / "build" / "rehearsal":
+        args.out = ROOT / "build" / "rehearsal-cuda"
     paths = args.notebooks or sorted((ROOT / "notebooks").glob("*.ipynb"))
     if not paths:
         sys.exit("no notebooks found: pass notebook paths, or run from the repository.")
+
+    missing = [str(path) for path in paths if not Path(path).is_file()]
+    if missing:
+        sys.exit(f"no such notebook: {', '.join(missing)}")
+    cuda = cuda_available() if args.cuda else False
+    if args.cuda and not cuda and not args.dry_run:
+        print("rehearse --cuda: no CUDA GPU is visible to torch (torch.cuda.is_available() is "
+              "False). Run it on a machine with a GPU and a CUDA build of torch, or add "
+              "--dry-run to check the wiring on a CPU; `make rehearse` is the CPU rehearsal.",
+              file=sys.stderr)
+        return 2
 
     from fake_hub_cache import build
 
     hub, out = build(args.hub.resolve()), args.out.resolve()
     for legacy in ("HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE"):  # would override the above
         os.environ.pop(legacy, None)
-    os.environ.update(rehearsal_env(hub, out))  # the kernels inherit this process's environment
+    env = rehearsal_env(hub, out, cuda=args.cuda)
+    if args.dry_run:
+        where = ("CUDA visible" + ("" if cuda else " (none here: a real run would stop, exit 2)")
+                 if args.cuda else "CUDA hidden")
+        print(f"dry run, {where}: {len(paths)} notebook(s) would run in full mode against "
+              f"{hub}, executed copies and REPORT.md in {out}")
+        for path in paths:
+            print(f"  {Path(path).name}")
+        for key, value in sorted(env.items()):
+            print(f"  {key}={value}")
+        return 0
+    os.environ.update(env)  # the kernels inherit this process's environment
     results = []
     for path in paths:
         result = run_notebook(Path(path), out, args.timeout, not args.no_solutions)

@@ -12,7 +12,6 @@ from dpo_minimal.adapters import load_adapter
 from dpo_minimal.train import (
     NonFiniteLossError,
     TrainConfig,
-    _Run,
     train,
 )
 
@@ -37,19 +36,6 @@ def _without_timing(history):
     return [{k: v for k, v in row.items() if k not in TIMING} for row in history]
 
 
-def _interrupt_at(monkeypatch, call: int):
-    """Make the `call`-th optimiser update raise KeyboardInterrupt, as Ctrl-C would."""
-    update, calls = _Run.update, []
-
-    def interrupted(self):
-        calls.append(1)
-        if len(calls) == call:
-            raise KeyboardInterrupt
-        return update(self)
-
-    monkeypatch.setattr(_Run, "update", interrupted)
-
-
 @cache
 def _uninterrupted(lora: bool):
     model, tok = _model(lora)
@@ -61,12 +47,12 @@ def _uninterrupted(lora: bool):
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
 @pytest.mark.parametrize("stop", [2, 5])
 def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, monkeypatch, lora,
-                                                                  stop):
+                                                                  stop, interrupt_update):
     lr = {} if lora else {"learning_rate": 1e-4}
     whole = _uninterrupted(lora)
 
     model, tok = _model(lora)
-    _interrupt_at(monkeypatch, stop)
+    interrupt_update(stop)
     with pytest.raises(KeyboardInterrupt) as caught:
         train(model, tok, DATA, _config(tmp_path / "cut", **lr), eval_data=HELD_OUT)
     monkeypatch.undo()

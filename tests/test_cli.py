@@ -14,7 +14,7 @@ from transformers import PhiConfig
 
 from dpo_minimal import load_preferences, shipped_data_path, tiny_model
 from dpo_minimal.adapters import load_adapter
-from dpo_minimal.cli import _field_help, main
+from dpo_minimal.cli import main
 from dpo_minimal.memory import plan_memory
 from dpo_minimal.train import TrainConfig
 
@@ -124,11 +124,11 @@ def test_help_lists_every_trainconfig_field_with_its_help(capsys):
         main(["train", "--help"])
     assert exited.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    helps = _field_help()
     for field in fields(TrainConfig):
         assert "--" + field.name.replace("_", "-") in text
-        assert helps.get(field.name), f"TrainConfig.{field.name} has no help comment"
-        assert " ".join(helps[field.name].split()) in text
+        help_ = field.metadata.get("help")
+        assert help_, f"TrainConfig.{field.name} has no help"
+        assert " ".join(help_.split()) in text
     for flag in ("--config", "--model", "--tiny", "--data", "--eval-data", "--output-dir",
                  "--resume", "--resume-from", "--lora-r", "--lora-alpha", "--lora-dropout",
                  "--lora-targets", "--full"):
@@ -166,3 +166,72 @@ def test_python_m_dpo_minimal_runs_the_command_line():
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "total" in done.stdout
+
+
+def test_trl_flag_names_train(prefs, tmp_path):
+    """TRL's (and transformers') names for the same settings are accepted."""
+    assert main(["train", "--tiny", "gpt2", "--data", prefs, "--output_dir", str(tmp_path),
+                 "--learning_rate", "1e-4", "--per_device_train_batch_size", "2",
+                 "--gradient_accumulation_steps", "1", "--max_steps", "1", "--beta", "0.2",
+                 "--loss_type", "sigmoid", "--logging_steps", "1", "--save_steps", "1",
+                 "--max-length", "64", "--max-prompt-length", "32", "--no-progress"]) == 0
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert (run["learning_rate"], run["batch_size"], run["max_steps"]) == (1e-4, 2, 1)
+    assert (tmp_path / "checkpoint-1").is_dir()
+
+
+def test_num_train_epochs_sets_the_steps(prefs, tmp_path):
+    assert main(["train", "--tiny", "gpt2", "--data", prefs, "--output-dir", str(tmp_path),
+                 "--num_train_epochs", "1.5", *SMALL]) == 0  # 6 pairs, batch 2: 4.5 -> 5
+    assert len(json.loads((tmp_path / "history.json").read_text())) == 5
+
+
+def test_pretrained_tiny_model_from_the_command_line(tmp_path, capsys):
+    task = str(shipped_data_path("task_train"))  # the task world it was trained on
+    logps = {}
+    for name, extra in (("pretrained", ["--pretrained"]), ("random", [])):
+        assert main(["train", "--tiny", "gpt2", *extra, "--data", task, "--output-dir",
+                     str(tmp_path / name), *SMALL, "--max-steps", "1"]) == 0
+        logps[name] = json.loads((tmp_path / name / "history.json").read_text())[0][
+            "logps/chosen"]
+    assert logps["pretrained"] > logps["random"] + 10  # it finds the task's answers likelier
+    with pytest.raises(SystemExit):
+        main(["train", "--tiny", "phi", "--pretrained", "--data", task, "--output-dir",
+              str(tmp_path / "phi")])
+    assert "no pretrained tiny phi" in capsys.readouterr().err
+
+
+def test_logging_window_evaluation_schedule_and_summary(prefs, tmp_path, capsys):
+    assert main(["train", "--tiny", "gpt2", "--data", prefs, "--eval-data", prefs,
+                 "--output-dir", str(tmp_path), "--max-steps", "10", "--eval-every", "5",
+                 "--logging-steps", "5", *SMALL]) == 0
+    out = capsys.readouterr().out
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [row["step"] + 1 for row in history if "eval/loss" in row] == [5, 10]
+    lines = [line for line in out.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["5/10", "10/10"]
+    logged = float(lines[1].split("loss ")[1].split()[0])
+    window = sum(row["loss"] for row in history[5:]) / 5  # the mean of steps 6..10
+    assert logged == pytest.approx(window, abs=1e-4)
+    assert "done, 10 steps" in out and "held out at the end" in out and "wrote" in out
+
+
+def test_plan_takes_any_family_from_a_folder_or_a_config_json(tmp_path, capsys):
+    """A tiny Qwen2 saved to a folder and a Mistral config.json: planned offline, their blocks
+    read off the model (SwiGLU, RMSNorm), LoRA on peft's default targets."""
+    from transformers import MistralConfig, Qwen2Config, Qwen2ForCausalLM
+
+    sizes = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2)
+    Qwen2ForCausalLM(Qwen2Config(**sizes)).save_pretrained(tmp_path / "qwen2")
+    MistralConfig(**sizes).save_pretrained(tmp_path / "mistral")
+    plans = {}
+    for argv in (["plan", str(tmp_path / "qwen2")],
+                 ["plan", "--config-json", str(tmp_path / "mistral" / "config.json")],
+                 ["plan", str(tmp_path / "qwen2"), "--arch", "llama"]):
+        assert main([*argv, "--json", "--batch-pairs", "2", "--seq-len", "128"]) == 0
+        plans[argv[-1]] = json.loads(capsys.readouterr().out)
+    qwen2, mistral, as_llama = plans.values()
+    assert qwen2["total"] > 0 and qwen2["activations"] > 0
+    assert qwen2["weights"] == pytest.approx(mistral["weights"], rel=0.05)  # same sizes
+    assert as_llama["lora_parameters"] > qwen2["lora_parameters"]  # Llama's 7 targets, not 2

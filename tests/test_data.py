@@ -6,12 +6,12 @@ import pytest
 from datasets import Dataset
 
 from dpo_minimal import collate_pairs, load_preferences, shipped_data_path, tokenize_preferences
-from dpo_minimal.data import tokenize_pair
 from dpo_minimal.models import course_tokenizer
 
 TOK = course_tokenizer()
 ROW = {"prompt": "Can you smell coffee?", "chosen": " I have no senses.",
        "rejected": " Yes, lovely."}
+
 
 
 def test_shipped_data_counts_and_split():
@@ -116,7 +116,7 @@ def test_truncation_keeps_prompt_end_and_response_start():
                      add_special_tokens=False)["input_ids"]
     example = {"prompt": "one two three four five six seven eight nine ten",
                "chosen": " alpha beta gamma delta epsilon zeta eta theta", "rejected": " no"}
-    out = tokenize_pair(example, TOK, max_length=9, max_prompt_length=4)
+    (out,) = tokenize_preferences([example], TOK, max_length=9, max_prompt_length=4)
     assert out["prompt_ids"] == prompt_ids[-4:]  # cut from the left
     assert out["chosen_ids"] == chosen_ids[:5]  # cut from the right, no room left for EOS
     assert len(out["prompt_ids"]) + len(out["chosen_ids"]) == 9
@@ -152,7 +152,7 @@ def test_batched_tokenization_equals_pair_by_pair():
     tok = course_tokenizer()
     data = load_preferences(shipped_data_path("train"))
     batched = tokenize_preferences(data, tok, max_length=48, max_prompt_length=8)
-    assert batched == [tokenize_pair(row, tok, 48, 8) for row in data]
+    assert batched == [tokenize_preferences([row], tok, 48, 8)[0] for row in data]
     for row, pair in zip(data, batched, strict=True):  # and each text encoded on its own
         prompt = tok(row["prompt"], add_special_tokens=False)["input_ids"][-8:]
         chosen = tok(row["chosen"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]

@@ -15,6 +15,7 @@ import torch
 from dpo_minimal import load_preferences, shipped_data_path
 from dpo_minimal.cli import main
 
+pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = {"step_seconds", "tokens_per_second", "peak_memory_gib"}
 # 8 pairs and a global batch of 4: two steps an epoch, so 6 steps see every pair three times and
@@ -209,3 +210,20 @@ def test_an_interrupt_on_one_of_two_processes(data, two_processes, tmp_path, whe
     if where == "during-update":  # and the run resumes to what the uninterrupted one trained
         _launch(*args, "--resume")
         assert _history(out) == _history(two_processes[0])
+
+
+def test_processes_reading_other_data_are_refused(data, tmp_path):
+    """On a cluster each node may read its own copy of the data: a copy that differs is named."""
+    script = tmp_path / "per_rank.py"
+    script.write_text("import os, sys\nfrom dpo_minimal.cli import main\n"
+                      "args = sys.argv[1:]\nif os.environ['RANK'] == '1':\n"
+                      "    args[args.index('--data') + 1] = sys.argv[-1]\n"
+                      "sys.exit(main(args[:-1]))\n")
+    other = tmp_path / "other.jsonl"
+    rows = [json.loads(line) for line in Path(data[0]).read_text().splitlines()]
+    other.write_text("".join(json.dumps(row) + "\n" for row in rows[::-1]))
+    done = _launch_script(script, "train", *COMMON, "--data", data[0], "--batch-size", "2",
+                          "--output-dir", str(tmp_path / "out"), str(other))
+    assert done.returncode != 0
+    assert "process(es) [1] read other training data than process 0" in done.stderr
+    assert not (tmp_path / "out").exists()

@@ -670,30 +670,14 @@ def test_overwrite_replaces_the_old_run(tmp_path):
                                                                      "checkpoint-2"]
 
 
-def _train_interrupted_at(config, call: int, data=ROWS):
-    """Train a fresh adapter until its `call`-th update raises KeyboardInterrupt (Ctrl-C)."""
-    from dpo_minimal.train import _Run
-
-    update, calls = _Run.update, []
-
-    def interrupted(self):
-        calls.append(1)
-        if len(calls) == call:
-            raise KeyboardInterrupt
-        return update(self)
-
-    _Run.update = interrupted
-    try:
-        train(*_lora(), data, config)
-    finally:
-        _Run.update = update
-
-
-def test_resuming_into_a_folder_holding_another_run_is_refused(tmp_path):
+def test_resuming_into_a_folder_holding_another_run_is_refused(tmp_path, monkeypatch,
+                                                                interrupt_update):
     train(*_lora(), ROWS, _config(output_dir=str(tmp_path / "a"), save_steps=1, max_steps=2))
     other = _config(output_dir=str(tmp_path / "b"), save_steps=1, max_steps=3)
+    interrupt_update(2)
     with pytest.raises(KeyboardInterrupt):
-        _train_interrupted_at(other, 2)
+        train(*_lora(), ROWS, other)
+    monkeypatch.undo()
     model, tok = _lora()
     with _unchanged(tmp_path), _refused_before_training(
             model, ValueError, _all("another run's checkpoints", "checkpoint-1", "--overwrite")):
@@ -701,10 +685,13 @@ def test_resuming_into_a_folder_holding_another_run_is_refused(tmp_path):
               resume_from=tmp_path / "b" / "checkpoint-1")
 
 
-def test_pruning_keeps_the_newest_checkpoints_of_the_run(tmp_path):
+def test_pruning_keeps_the_newest_checkpoints_of_the_run(tmp_path, monkeypatch,
+                                                          interrupt_update):
     config = _config(output_dir=str(tmp_path), save_steps=1, max_steps=4, save_total_limit=2)
+    interrupt_update(3)
     with pytest.raises(KeyboardInterrupt):
-        _train_interrupted_at(config, 3)
+        train(*_lora(), ROWS, config)
+    monkeypatch.undo()
     train(*_lora(), ROWS, config, resume_from=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3", "checkpoint-4"]
 
@@ -1001,6 +988,7 @@ def test_an_interrupt_during_evaluation_resumes_bit_for_bit(tmp_path, monkeypatc
         [{k: v for k, v in r.items() if k not in timing} for r in whole]
 
 
+@pytest.mark.slow
 def test_sigterm_through_the_command_line(tmp_path, prefs):
     import os
     import signal
@@ -1336,3 +1324,38 @@ def test_cli_yaml_float_without_a_dot_trains(file_prefs, tmp_path, capsys):
     run = json.loads((out / "run.json").read_text())
     assert (run["learning_rate"], run["max_grad_norm"]) == (1e-4, 2.0)
     assert len(json.loads((out / "history.json").read_text())) == 1
+
+
+def test_cli_bad_data_is_found_before_the_model_loads(tmp_path, capsys):
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "q", "chosen": "a"}\n')
+    with _unchanged(tmp_path):  # the model folder does not exist: the data error comes first
+        err = _cli(["train", "--model", str(tmp_path / "no-model"), "--data",
+                    str(tmp_path / "bad.jsonl"), "--output-dir", str(tmp_path / "o")], capsys)
+    assert re.search(_all("bad.jsonl", "line 1", "rejected"), err)
+
+
+@pytest.mark.parametrize("where", ["folder", "missing folder"])
+def test_cli_eval_output_that_cannot_be_written(tmp_path, prefs, capsys, where):
+    target = tmp_path if where == "folder" else tmp_path / "nowhere" / "m.json"
+    with _unchanged(tmp_path):
+        err = _cli(["eval", "--tiny", "gpt2", "--adapter", str(tmp_path / "a"), "--data", prefs,
+                    "--output", str(target)], capsys)
+    assert re.search(_all("--output", "is a directory|does not exist"), err)
+
+
+def test_output_dir_as_a_path_object(tmp_path):
+    config = _config(output_dir=tmp_path / "run", save_steps=1)
+    assert config.output_dir == str(tmp_path / "run")
+    train(*_lora(), ROWS, config)
+    assert (tmp_path / "run" / "checkpoint-1").is_dir()
+
+
+def test_a_chat_template_that_refuses_the_messages(tmp_path):
+    model, tok = _lora()
+    tok.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System "
+                         "role not supported') }}{% endif %}" + CHATML)
+    rows = [{"prompt": [SYSTEM, USER], "chosen": [NO], "rejected": [YES]}] * 4
+    with _unchanged(tmp_path), _refused_before_training(
+            model, ValueError, _all("row 0", "chat template refused", "System role not "
+                                    "supported", "fix the row")):
+        train(model, tok, rows, _small(tmp_path))

@@ -17,7 +17,7 @@ from contextlib import nullcontext
 
 import pytest
 import torch
-from test_checkpoints import _interrupt_at, _without_timing
+from test_checkpoints import _without_timing
 from test_hostile import _all, _refused_before_training
 
 from dpo_minimal import add_lora, evaluate, load_preferences, shipped_data_path, tiny_model
@@ -244,7 +244,7 @@ def test_training_raises_desirable_log_probs_relative_to_undesirable_ones(tmp_pa
     assert "rewards/accuracies" not in history[0]  # no pairs to win
 
 
-def test_interrupted_kto_run_resumes_bit_for_bit(tmp_path, monkeypatch):
+def test_interrupted_kto_run_resumes_bit_for_bit(tmp_path, monkeypatch, interrupt_update):
     rows, held_out = _unpaired(12), _unpaired(16)[12:]
     settings = dict(batch_size=2, gradient_accumulation_steps=2, max_steps=6, eval_every=2,
                     warmup_steps=1, save_steps=2)
@@ -256,7 +256,7 @@ def test_interrupted_kto_run_resumes_bit_for_bit(tmp_path, monkeypatch):
                      **extra)
 
     whole = run("whole")
-    _interrupt_at(monkeypatch, 4)
+    interrupt_update(4)
     with pytest.raises(KeyboardInterrupt) as caught:
         run("cut")
     monkeypatch.undo()

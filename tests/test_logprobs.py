@@ -1,9 +1,9 @@
+
 """sequence_logps: a by-hand sum, and independence from padding and batch composition."""
 
 import torch
 
-from dpo_minimal import collate_pairs, sequence_logps, tiny_model
-from dpo_minimal.data import tokenize_pair
+from dpo_minimal import collate_pairs, sequence_logps, tiny_model, tokenize_preferences
 
 
 def test_equals_a_sum_written_by_hand():
@@ -35,7 +35,7 @@ def test_half_precision_logits_are_reduced_in_float32():
 
 def _pair(tok, prompt, chosen, rejected):
     example = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
-    return tokenize_pair(example, tok, max_length=64, max_prompt_length=32)
+    return tokenize_preferences([example], tok, max_length=64, max_prompt_length=32)[0]
 
 
 def test_same_value_alone_and_inside_a_padded_batch():

@@ -1,3 +1,4 @@
+
 """The architecture registry, tiny_model, the tokenizer, load_model and LoRA round trips."""
 
 import math
@@ -20,9 +21,9 @@ from dpo_minimal import (
     sequence_logps,
     shipped_data_path,
     tiny_model,
+    tokenize_preferences,
     train,
 )
-from dpo_minimal.data import tokenize_pair
 from dpo_minimal.models import (
     ARCHITECTURES,
     architecture,
@@ -36,8 +37,9 @@ EXAMPLE = {"prompt": "Where is the nearest bookstore?", "chosen": " I cannot see
            "rejected": " Two blocks north of you."}
 
 
+
 def _logps(model, tok):
-    batch = collate_pairs([tokenize_pair(EXAMPLE, tok, 64, 32)], tok.pad_token_id)
+    batch = collate_pairs(tokenize_preferences([EXAMPLE], tok, 64, 32), tok.pad_token_id)
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return sequence_logps(logits, batch["input_ids"], batch["loss_mask"])
@@ -140,7 +142,7 @@ def test_architecture_looks_up_models_peft_models_configs_and_names():
     assert architecture(add_lora(model, r=4)) is entry  # the base model's config
 
 
-def test_an_unregistered_family_raises_everywhere_and_names_the_way_out():
+def test_an_unregistered_family_gets_peft_defaults_and_the_planner_names_the_way_out():
     config = Qwen2Config(vocab_size=300, hidden_size=32, intermediate_size=64,
                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
     with pytest.raises(ValueError, match=r"'qwen2'.*known: gpt2, phi, llama.*Architecture"):
@@ -149,10 +151,9 @@ def test_an_unregistered_family_raises_everywhere_and_names_the_way_out():
 
     model = Qwen2ForCausalLM(config)
     assert not has_plain_head(model)  # unknown: the trainer keeps the model's own forward
-    with pytest.raises(ValueError, match="'qwen2'.*pass target_modules"):
-        lora_target_names(model)
-    with pytest.raises(ValueError, match="pass target_modules"):
-        add_lora(model)
+    assert lora_target_names(model) == ["q_proj", "v_proj"]  # peft's defaults for qwen2
+    assert lora_target_names(model, "all-linear") == ["down_proj", "gate_proj", "k_proj",
+                                                      "o_proj", "q_proj", "up_proj", "v_proj"]
     peft_model = add_lora(model, r=4, target_modules=["q_proj", "v_proj"])
     assert not peft_model.peft_config["default"].fan_in_fan_out  # nn.Linear, not Conv1D
     assert {n.split(".lora_A")[0].split(".")[-1] for n, _ in peft_model.named_parameters()
@@ -250,3 +251,22 @@ def test_llama_starts_at_ln2_and_training_lowers_the_loss():
     assert history[0]["rewards/margins"] == 0
     after = evaluate(model, tok, data, config)["loss"]
     assert after < math.log(2) - 0.1  # the pairs it trained on: the policy now prefers chosen
+
+
+
+def test_a_tiny_qwen2_trains_with_lora_without_naming_targets():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tok = course_tokenizer()
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                         max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = add_lora(Qwen2ForCausalLM(config), r=4)
+    rows = load_preferences(shipped_data_path("train")).select(range(4))
+    history = train(model, tok, rows, TrainConfig(batch_size=2, max_steps=2, max_length=64,
+                                                  max_prompt_length=32, progress=False))
+    assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    trained = {n.split(".lora_")[0].split(".")[-1] for n, p in model.named_parameters()
+               if p.requires_grad}
+    assert trained == {"q_proj", "v_proj"}

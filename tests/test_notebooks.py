@@ -1,6 +1,7 @@
 """The notebooks' promises that no output comparison can check: sources cited, solutions
 hidden but complete, one run time per notebook, one repository URL."""
 
+import ast
 import io
 import json
 import re
@@ -184,3 +185,71 @@ def test_every_notebook_ends_with_a_summary_and_what_comes_next(path):
         number = later[0].stem[:2]
         assert re.search(rf"\b[Nn]otebook {number}\b|{later[0].name}", after.group(1)), \
             f"{path.name}: 'Next' should point to notebook {number}"
+class _CpuBatches(ast.NodeVisitor):
+    """Follows, in execution order, the names bound to `collate_pairs(...)` (CPU tensors) until
+    they are rebound through `.to(...)`, and records every place one reaches a network: as the
+    `input_ids=` of a call, or as an argument of a function the notebook defines."""
+
+    def __init__(self):
+        self.cpu, self.functions, self.found = set(), set(), []
+
+    def _uses_cpu_batch(self, node) -> bool:
+        return any(isinstance(n, ast.Name) and n.id in self.cpu for n in ast.walk(node))
+
+    def visit_FunctionDef(self, node):
+        self.functions.add(node.name)  # its body runs later, on the arguments it is given
+
+    def visit_Assign(self, node):
+        self.visit(node.value)
+        moved = any(isinstance(n, ast.Attribute) and n.attr == "to" for n in ast.walk(node.value))
+        made = (isinstance(node.value, ast.Call) and isinstance(node.value.func, ast.Name)
+                and node.value.func.id == "collate_pairs")
+        for name in (t.id for t in node.targets if isinstance(t, ast.Name)):
+            if made:
+                self.cpu.add(name)
+            elif moved:
+                self.cpu.discard(name)
+
+    def visit_Call(self, node):
+        self.generic_visit(node)
+        feeds = [k.value for k in node.keywords if k.arg == "input_ids"]
+        if isinstance(node.func, ast.Name) and node.func.id in self.functions:
+            feeds += node.args
+        if any(self._uses_cpu_batch(value) for value in feeds):
+            self.found.append(ast.unparse(node)[:80])
+
+
+def _cpu_batches_fed_to_a_network(sources: list[str]) -> list[str]:
+    checker = _CpuBatches()
+    for source in sources:
+        lines = [line for line in source.splitlines() if not line.lstrip().startswith(("%", "!"))]
+        checker.visit(ast.parse("\n".join(lines)))
+    return checker.found
+
+
+def test_the_device_check_finds_a_cpu_batch_fed_to_a_model():
+    """The failure of issue 26 (notebook 04 on CUDA): a collated batch passed as it is."""
+    fault = ['batch = collate_pairs(rows, 0)\nlogits = model(input_ids=batch["input_ids"])',
+             "def logps_of(net, b):\n    return net(**b)\n",
+             "for s in range(3):\n    b = collate_pairs(rows, 0)\n    ref = logps_of(policy, b)"]
+    assert _cpu_batches_fed_to_a_network(fault) == [
+        "model(input_ids=batch['input_ids'])", "logps_of(policy, b)"]
+    fixed = ["batch = collate_pairs(rows, 0)\nbatch = {k: v.to(model.device) for k, v in "
+             "batch.items()}\nlogits = model(input_ids=batch['input_ids'])"]
+    assert _cpu_batches_fed_to_a_network(fixed) == []
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem[:2])
+def test_hand_written_tensor_code_moves_batches_to_the_model_s_device(path):
+    """Full mode puts the model on a GPU, and `collate_pairs` builds CPU tensors: every cell
+    (and exercise solution) that feeds a collated batch to a network moves it first."""
+    sources = []
+    for cell in _cells(path):
+        if cell["cell_type"] == "code":
+            sources.append(cell_source(cell))
+        elif is_solution(cell) and solution_code(cell):
+            sources.append(solution_code(cell))
+    found = _cpu_batches_fed_to_a_network(sources)
+    assert not found, (f"{path.name}: a batch from collate_pairs reaches a network on the CPU: "
+                       f"{found}; move it first: {{k: v.to(model.device) for k, v in "
+                       f"batch.items()}}")

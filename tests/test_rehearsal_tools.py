@@ -163,3 +163,48 @@ def test_gpu_check_measures_a_tiny_run_on_cpu():
     assert row["status"] == "ok" and row["step (s)"] > 0 and row["planned allocated (GiB)"] > 0
     text = gpu_check.table([row, {**row, "status": "OOM"}], None, float("nan"), {})
     assert text.count("\n") == 4 and "OOM" in text
+
+
+def test_cuda_rehearsal_leaves_the_gpu_visible_and_the_cpu_one_hides_it(tmp_path):
+    cpu = rehearse.rehearsal_env(tmp_path / "hub", tmp_path / "out")
+    cuda = rehearse.rehearsal_env(tmp_path / "hub", tmp_path / "out", cuda=True)
+    assert cpu["CUDA_VISIBLE_DEVICES"] == "" and "CUDA_VISIBLE_DEVICES" not in cuda
+    assert {k: v for k, v in cpu.items() if k != "CUDA_VISIBLE_DEVICES"} == cuda
+    assert cuda["DPO_COURSE_MODE"] == "full" and cuda["DPO_COURSE_REHEARSAL"] == "1"
+
+
+def _rehearse(*args, **env):
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "rehearse.py"), *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300,
+                          env={**os.environ, **env})
+
+
+def test_cuda_rehearsal_without_a_gpu_says_so_and_its_dry_run_checks_the_wiring(hub, tmp_path):
+    notebook = "notebooks/04_lora_dpo_gpt2.ipynb"
+    # CUDA hidden, so this holds on a GPU machine too: the real run stops and names the fix
+    done = _rehearse("--cuda", notebook, CUDA_VISIBLE_DEVICES="")
+    assert done.returncode == 2 and "no CUDA GPU" in done.stderr and "--dry-run" in done.stderr
+    dry = _rehearse("--cuda", "--dry-run", "--hub", str(hub), "--out", str(tmp_path / "out"),
+                    notebook, CUDA_VISIBLE_DEVICES="")
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    assert "04_lora_dpo_gpt2.ipynb" in dry.stdout and "DPO_COURSE_MODE=full" in dry.stdout
+    assert "CUDA_VISIBLE_DEVICES" not in dry.stdout and "CUDA visible" in dry.stdout
+    assert not (tmp_path / "out").exists()  # nothing executed, nothing written
+    missing = _rehearse("--cuda", "--dry-run", "notebooks/no_such.ipynb")
+    assert missing.returncode != 0 and "no such notebook" in missing.stderr
+
+
+def test_gpu_check_runs_the_cuda_rehearsal_first_and_the_bench_in_its_dry_run():
+    script = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
+    rehearsal_line = script.index("scripts/rehearse.py --cuda ||")
+    assert rehearsal_line < script.index('"$PYTHON" benchmarks/gpu_check.py')
+    assert "scripts/rehearse.py --cuda --dry-run" in script
+    assert "bench_vs_trl.py --device cuda --dry-run" in script
+    assert "gpu_check.sh --dry-run" in (ROOT / "mk" / "rehearse.mk").read_text()
+
+
+def test_bench_vs_trl_on_cuda_without_a_gpu_names_the_dry_run():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_vs_trl.py"),
+                           "--device", "cuda"], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 2 and "--dry-run" in done.stderr

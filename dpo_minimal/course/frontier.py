@@ -32,9 +32,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data import DATA_DIR, collate_pairs, load_preferences, tokenize_preferences
-from ..logprobs import sequence_logps
+from ..data import DATA_DIR, collate_pairs, collate_unpaired, load_preferences, tokenize_preferences
+from ..logprobs import batch_logps, sequence_logps
 from ..models import add_lora, tiny_model
+from ..objective import Reference
 from ..train import TrainConfig, disable_dropout, train
 from . import task
 
@@ -111,16 +112,12 @@ def log_ratios(model, tokenizer, rows: list[dict]) -> torch.Tensor:
     """
     model.eval()
     out = []
-    for row in rows:
-        items = [{"prompt_ids": row["prompt_ids"], "chosen_ids": y, "rejected_ids": y}
-                 for y in row["response_ids"]]
-        batch = collate_pairs(items, tokenizer.pad_token_id)
-        n = len(items)
-        ids, attention, mask = (batch[k][:n] for k in ("input_ids", "attention_mask", "loss_mask"))
-        policy = sequence_logps(model(input_ids=ids, attention_mask=attention).logits, ids, mask)
-        with model.disable_adapter():
-            logits = model(input_ids=ids, attention_mask=attention).logits
-        out.append(policy - sequence_logps(logits, ids, mask))
+    with torch.no_grad():
+        for row in rows:
+            batch = collate_unpaired([{"prompt_ids": row["prompt_ids"], "completion_ids": y,
+                                       "label": True} for y in row["response_ids"]],
+                                     tokenizer.pad_token_id)
+            out.append(batch_logps(model, batch) - Reference().logps(model, batch))
     return torch.stack(out)
 
 

@@ -26,39 +26,17 @@ def save_figure(fig, name: str) -> Path:
     return path
 
 
-PANEL = [
-    ("loss", "DPO loss", "loss (nats)"),
-    ("rewards/accuracies", "Reward accuracy", "fraction of pairs"),
-    ("rewards/margins", "Reward margin", "beta * log-ratio margin (nats)"),
-    (("rewards/chosen", "rewards/rejected"), "Implicit rewards", "beta * log-ratio (nats)"),
-]
-
-
 def plot_history(history, title: str = "DPO training", eval_keys: bool = True):
-    """The standard 2x2 panel: loss, accuracy, margin, chosen/rejected rewards against steps.
-
-    Training curves are solid; eval/* values, where recorded, are drawn as markers.
-    Returns the figure.
-    """
-    import math
-
+    """The standard 2x2 panel (`History.plot`): loss, accuracy, margin, chosen/rejected rewards
+    against steps, in a pyplot figure so that a notebook shows it. Training curves are solid;
+    eval/* values, where recorded (and `eval_keys`), are drawn as markers."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))
-    for ax, (keys, name, unit) in zip(axes.flat, PANEL):
-        for key in (keys,) if isinstance(keys, str) else keys:
-            steps, values = history.series(key)
-            ax.plot(steps, values, label=f"train {key.split('/')[-1]}")
-            steps, values = history.series(f"eval/{key}")
-            if eval_keys and steps:
-                ax.plot(steps, values, "o--", label=f"held-out {key.split('/')[-1]}")
-        if keys == "loss":
-            ax.axhline(math.log(2), color="grey", lw=0.8, ls=":", label="ln 2")
-        ax.set(title=name, xlabel="optimiser step", ylabel=unit)
-        ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
+    from ..config import History
+
+    if not eval_keys:
+        history = [{k: v for k, v in row.items() if not k.startswith("eval/")} for row in history]
+    return History(history).plot(figure=plt.figure(figsize=(10, 6.5)), title=title)
 
 
 def markdown_table(rows: list[dict]) -> str:

@@ -1,0 +1,228 @@
+"""The objective: where pi_ref's log-probs come from (`Reference`), one step of the loss with
+TRL's metrics (`preference_step`), and evaluation on held-out pairs."""
+
+import torch
+
+from .batching import collate_pairs, collate_unpaired
+from .config import TrainConfig
+from .logprobs import _is_peft, batch_logps
+from .losses import LOSSES, kto_loss
+
+
+def disable_dropout(model) -> None:
+    """Set every dropout probability to 0 (in place), as TRL does for DPO.
+
+    With dropout the policy would differ from the reference at step 0 by noise alone; without
+    it the first loss is exactly ln 2.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+class Reference:
+    """Where pi_ref's log-probs come from. One of three:
+
+    - `Reference()`: the policy itself with its peft adapter disabled (no second copy);
+    - `Reference(model=ref_model)`: a separate frozen model;
+    - either of those with `cache=torch.full((n_pairs, 2), nan)`: each pair's chosen and
+      rejected log-probs are kept after their first pass, so later epochs skip the reference
+      forward; `Reference.frozen(...)` fills the cache from a model up front. For unpaired
+      examples the cache is (n_examples, 1), one completion each.
+    A cache answers a batch when it holds every pair of it; that is valid because the
+    reference never changes (a recomputation in a differently padded batch would differ only
+    by float rounding).
+    """
+
+    def __init__(self, model=None, cache: torch.Tensor | None = None):
+        self.model, self.cache = model, cache
+
+    @classmethod
+    @torch.no_grad()
+    def frozen(cls, model, tokenizer, pairs: list[dict], batch_size: int, dtype: str):
+        """A cache of `model`'s log-probs now, for every pair: full fine-tuning's reference."""
+        was_training = model.training
+        model.eval()
+        reference = cls(cache=torch.zeros(len(pairs), _rows_per_example(pairs)))
+        for chunk in _in_order(pairs, batch_size):
+            batch = _collate(chunk, tokenizer)
+            reference._store(batch, batch_logps(model, batch, dtype))
+        model.train(was_training)
+        return reference
+
+    @torch.no_grad()
+    def logps(self, policy, batch: dict, dtype: str = "float32") -> torch.Tensor:
+        """(2B,) log pi_ref of the batch's rows (B, unpaired), on the policy's device."""
+        if self.cache is not None:
+            cached = self.cache[batch["index"]]
+            if not cached.isnan().any():
+                device = next(policy.parameters()).device
+                return cached.T.reshape(-1).to(device)  # column by column: chosen, rejected
+        if self.model is not None:
+            logps = batch_logps(self.model, batch, dtype)
+        elif _is_peft(policy):
+            with policy.disable_adapter():
+                logps = batch_logps(policy, batch, dtype)
+        else:
+            raise ValueError("no reference: pass a peft model (its adapter is disabled for the "
+                             "reference), a reference model, or a frozen cache.")
+        if self.cache is not None:
+            self._store(batch, logps)
+        return logps
+
+    def _store(self, batch: dict, logps: torch.Tensor) -> None:
+        self.cache[batch["index"]] = _per_example(logps, len(batch["index"])).float().cpu()
+
+
+def _per_example(logps: torch.Tensor, b: int) -> torch.Tensor:
+    """(2B,) chosen-then-rejected log-probs -> (B, 2), one row a pair ((B,) -> (B, 1))."""
+    return logps.reshape(-1, b).T
+
+
+def _rows_per_example(pairs: list[dict]) -> int:
+    """Forward rows an example takes: 2 for a pair (chosen, rejected), 1 for unpaired data."""
+    return 1 if pairs and "completion_ids" in pairs[0] else 2
+
+
+def _needs_reference(config: TrainConfig) -> bool:
+    return LOSSES[config.loss_type].needs_reference
+
+
+def preference_step(policy_logps: torch.Tensor, reference_logps: torch.Tensor | None,
+                    batch: dict, config: TrainConfig) -> tuple[torch.Tensor, dict]:
+    """One step of the objective: per-pair losses (B,) and the batch's metric sums.
+
+    `policy_logps` and `reference_logps` are (2B,) over the batch's chosen then rejected rows
+    (`reference_logps` may be None for a loss that needs none, SimPO and ORPO). The loss is
+    `LOSSES[config.loss_type]`; for DPO (Eq 7 of the paper)
+    -log sigma(beta [log pi(y_w)/pi_ref(y_w) - log pi(y_l)/pi_ref(y_l)]).
+    The sums (divide by the number of pairs for means) use TRL's metric names.
+
+    An unpaired batch (`collate_unpaired`, with `label`) trains KTO: the log-probs are (B,),
+    one per example, `batch["kl_logps"]` the (policy, reference) log-probs of its mismatched
+    rows, which estimate z0 (absent: z0 = 0), and the losses are `kto_loss`'s (B,).
+    """
+    if "label" in batch:
+        return _kto_step(policy_logps, reference_logps, batch, config)
+    b = policy_logps.shape[0] // 2
+    lengths = batch["loss_mask"].sum(-1).to(policy_logps.device).float()
+    losses, chosen_r, rejected_r = LOSSES[config.loss_type].fn(
+        policy_logps, reference_logps, lengths, config)
+    sums = {
+        "loss": losses.detach().sum().item(),
+        "rewards/chosen": chosen_r.sum().item(),
+        "rewards/rejected": rejected_r.sum().item(),
+        "rewards/accuracies": (chosen_r > rejected_r).float().sum().item(),  # strict wins
+        "rewards/margins": (chosen_r - rejected_r).sum().item(),
+        "logps/chosen": policy_logps[:b].detach().sum().item(),
+        "logps/rejected": policy_logps[b:].detach().sum().item(),
+    }
+    return losses, sums
+
+
+def _kto_step(policy_logps, reference_logps, batch, config):
+    """`preference_step` on unpaired examples. As TRL does, rewards/chosen and logps/chosen
+    sum over the desirable examples and .../rejected over the undesirable ones (counted under
+    count/*, so that `_mean` divides by those counts); kl sums z0, once per example."""
+    if config.loss_type != "kto":
+        raise ValueError(_UNPAIRED_LOSS.format(config.loss_type))
+    desirable = batch["label"].to(policy_logps.device)
+    losses, rewards, z0 = kto_loss(
+        policy_logps, reference_logps, desirable, *batch.get("kl_logps", (None, None)),
+        beta=config.beta, lambda_d=config.desirable_weight, lambda_u=config.undesirable_weight)
+    logps, undesirable = policy_logps.detach(), ~desirable
+    sums = {"loss": losses.detach().sum().item(),
+            "rewards/chosen": rewards[desirable].sum().item(),
+            "rewards/rejected": rewards[undesirable].sum().item(),
+            "logps/chosen": logps[desirable].sum().item(),
+            "logps/rejected": logps[undesirable].sum().item(),
+            "kl": z0.item() * len(desirable),
+            "count/desirable": desirable.sum().item(),
+            "count/undesirable": undesirable.sum().item()}
+    return losses, sums
+
+
+_UNPAIRED_LOSS = ("the data is unpaired (prompt, completion, label), which only loss_type='kto' "
+                  "trains, not loss_type={!r}: set loss_type='kto', or pass pairs (prompt, "
+                  "chosen, rejected).")
+
+
+def _collate(chunk: list[dict], tokenizer, max_length: int | None = None) -> dict:
+    """`collate_pairs` (or `collate_unpaired`), plus the data-set rows (for the reference
+    cache)."""
+    if "completion_ids" in chunk[0]:
+        batch = collate_unpaired(chunk, tokenizer.pad_token_id, max_length)
+    else:
+        batch = collate_pairs(chunk, tokenizer.pad_token_id)
+    batch["index"] = torch.tensor([p["index"] for p in chunk])
+    return batch
+
+
+@torch.no_grad()
+def _kl_logps(model, batch: dict, dtype: str, reference_model=None):
+    """(policy, reference) log-probs of an unpaired batch's mismatched rows, batch["kl"].
+
+    Without gradient, as in TRL: z0 is detached, so these rows need no backward pass. Their
+    reference is computed each time (never cached): which completion a prompt borrows depends
+    on the batch it was drawn in.
+    """
+    return (batch_logps(model, batch["kl"], dtype),
+            Reference(reference_model).logps(model, batch["kl"], dtype))
+
+
+def _in_order(pairs: list, batch_size: int):
+    for i in range(0, len(pairs), batch_size):
+        yield pairs[i: i + batch_size]
+
+
+# Unpaired KTO's metrics of desirable (chosen) or undesirable (rejected) examples alone: the
+# mean over those examples, left out of a step that drew none (as TRL does).
+_COUNTED = {"rewards/chosen": "count/desirable", "logps/chosen": "count/desirable",
+            "rewards/rejected": "count/undesirable", "logps/rejected": "count/undesirable"}
+
+
+def _mean(totals: dict, n: int) -> dict:
+    """Sums over n examples -> means; with count/* (unpaired KTO), `_COUNTED` metrics are means
+    over their examples and rewards/margins is their difference."""
+    if "count/desirable" not in totals:
+        return {key: value / n for key, value in totals.items()}
+    means = {key: value / totals.get(_COUNTED.get(key), n) for key, value in totals.items()
+             if not key.startswith("count/") and totals.get(_COUNTED.get(key), n)}
+    if "rewards/chosen" in means and "rewards/rejected" in means:
+        means["rewards/margins"] = means["rewards/chosen"] - means["rewards/rejected"]
+    return means
+
+
+def _add(totals: dict, sums: dict) -> None:
+    for key, value in sums.items():
+        totals[key] = totals.get(key, 0.0) + value
+
+
+@torch.no_grad()
+def _evaluate_pairs(model, tokenizer, pairs, config, reference: Reference) -> dict:
+    was_training = model.training
+    model.eval()
+    totals = {}
+    for chunk in _in_order(pairs, config.eval_batch_size):
+        batch = _collate(chunk, tokenizer, config.max_length)
+        policy, entropy = batch_logps(model, batch, config.dtype, with_entropy=True)
+        ref = reference.logps(model, batch, config.dtype) if _needs_reference(config) else None
+        if "kl" in batch:
+            batch["kl_logps"] = _kl_logps(model, batch, config.dtype, reference.model)
+        _add(totals, preference_step(policy, ref, batch, config)[1])
+        _add(totals, {"entropy": entropy.item() * len(chunk)})
+    model.train(was_training)
+    return _mean(totals, len(pairs))
+
+
+def _check_unpaired(config: TrainConfig, model, pairs: list, eval_pairs: list | None) -> None:
+    """What unpaired KTO needs, checked before any work."""
+    if _rows_per_example(pairs) == 1 and config.batch_size < 2:
+        raise ValueError("unpaired KTO estimates z0 from each prompt with another example's "
+                         "completion of its micro-batch, and batch_size=1 leaves none: use "
+                         "batch_size >= 2 (TRL refuses 1 too).")
+    if 1 in (_rows_per_example(pairs), _rows_per_example(eval_pairs)) and not _is_peft(model):
+        raise ValueError("unpaired KTO needs reference log-probs of new (prompt, borrowed "
+                         "completion) pairs at every step, which full fine-tuning's frozen "
+                         "reference cannot give: add a LoRA adapter (add_lora(model)), or train "
+                         "KTO on pairs (prompt, chosen, rejected).")
