@@ -6,7 +6,7 @@ Nothing here is needed to use `dpo_minimal` as a library. Each notebook starts w
 
 from dataclasses import dataclass
 
-from .modes import get_mode, go_offline
+from .modes import get_mode, go_offline, quiet_known_warnings
 
 
 @dataclass(frozen=True)
@@ -29,9 +29,12 @@ def setup(threads: int | None = None, verbose: bool = True) -> Course:
     torch on one thread: the tiny models gain nothing from more, and on
     shared cores (CI, a busy laptop) threads that wait for each other cost far more than they
     give. `threads` overrides the thread count in either mode. Prints the mode and device.
+    In either mode it silences the libraries' known warnings about their own internals
+    (`modes.KNOWN_WARNINGS`, each by message and category), so outputs show only what matters.
     """
     import torch
 
+    quiet_known_warnings()
     mode = get_mode()
     if mode == "smoke":
         go_offline()

@@ -9,6 +9,7 @@ Nothing here runs on import: a notebook calls `dpo_minimal.course.setup()`.
 
 import os
 import sys
+import warnings
 
 MODES = ("smoke", "full")
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
@@ -40,3 +41,21 @@ def go_offline() -> None:
     constants = sys.modules.get("huggingface_hub.constants")
     if constants is not None:
         constants.HF_HUB_OFFLINE = True
+
+
+# Warnings the libraries under the course raise about their own internals, each matched by its
+# message and category: (message regex, category). Nothing a student can act on, and they would
+# print the installation's paths into every saved output. Any other warning still shows.
+KNOWN_WARNINGS = (
+    # peft asks transformers for a renamed attribute whenever it wraps or reloads a model
+    (r"`is_gradient_checkpointing` is deprecated", FutureWarning),
+    # transformers 5 still takes TrainingArguments' `gradient_checkpointing`, the name TRL's
+    # SFTConfig and DPOConfig document, and says it becomes `activation_checkpointing` in v6
+    (r"`gradient_checkpointing` is deprecated", FutureWarning),
+)
+
+
+def quiet_known_warnings() -> None:
+    """Silence KNOWN_WARNINGS, one narrow filter each (message and category); idempotent."""
+    for message, category in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
