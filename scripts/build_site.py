@@ -193,6 +193,9 @@ def lesson_cells(nb) -> list:
     return [c for i, c in enumerate(nb.cells) if i >= first or c.cell_type == "markdown"]
 
 
+NOTEBOOK_LINK = re.compile(r'href="(?:\./)?(\d\d_[\w-]+)\.ipynb')
+
+
 def contents(body: str) -> str:
     """The page's own contents (its ## and ### headings), for the sidebar."""
     items = [f'<li class="dpo-toc-h{level}"><a href="#{anchor}">{text.strip()}</a></li>'
@@ -211,6 +214,8 @@ def render_notebook(page: dict, site_nav: dict, out: Path) -> None:
         "metadata": {"name": page["title"], "path": str(page["path"].parent)},
         "dpo_nav": site_nav})
     body = body.replace("<!--dpo-toc-->", contents(body), 1)
+    # A notebook links the next one by its file name; on the site that is its page.
+    body = NOTEBOOK_LINK.sub(r'href="\1.html', body)
     (out / page["href"]).write_text(body, encoding="utf-8")
 
 
