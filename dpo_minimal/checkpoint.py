@@ -70,14 +70,10 @@ def check_output_dir(output_dir: str | None, resume: bool = False,
     if not existing.is_dir():
         raise ValueError(f"output_dir {str(folder)!r} cannot be created: {str(existing)!r} is a "
                          "file, not a folder. Choose another output_dir.")
-    try:
-        handle, probe = tempfile.mkstemp(prefix=".dpo-minimal-write-test-", dir=existing)
-        os.close(handle)
-        os.remove(probe)
-    except OSError as err:
-        raise ValueError(f"output_dir {str(folder)!r} cannot be written ({err.strerror} in "
+    if error := _write_error(existing):
+        raise ValueError(f"output_dir {str(folder)!r} cannot be written ({error} in "
                          f"{str(existing)!r}): choose a folder you can write to, or fix its "
-                         "permissions.") from None
+                         "permissions.")
     found = run_outputs(folder)
     if found and not resume and not overwrite:
         shown = ", ".join(found[:5]) + (", ..." if len(found) > 5 else "")
@@ -96,9 +92,21 @@ def check_output_file(path: Path, flag: str = "output") -> None:
     if not folder.is_dir():
         raise ValueError(f"{flag} {path}: the folder {folder} does not exist; create it or "
                          "choose another file.")
-    if not os.access(folder, os.W_OK):
-        raise ValueError(f"{flag} {path}: the folder {folder} cannot be written; choose "
-                         "another file.")
+    if error := _write_error(folder):
+        raise ValueError(f"{flag} {path}: the folder {folder} cannot be written ({error}); "
+                         "choose another file.")
+
+
+def _write_error(folder: Path) -> str | None:
+    """Why a file cannot be created in `folder`, or None. Tried with a temporary file that is
+    deleted at once (os.access would say yes to root even on a read-only file system)."""
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".dpo-minimal-write-test-", dir=folder)
+    except OSError as err:
+        return err.strerror
+    os.close(handle)
+    os.remove(probe)
+    return None
 
 
 def clear_checkpoints(folders: list[Path]) -> None:
@@ -416,9 +424,9 @@ def save(run, steps_done: int) -> Path | None:
     from safetensors.torch import save_file
 
     root = Path(run.config.output_dir)
-    weights = {n: p.detach().cpu().contiguous() for n, p in run._trainable().items()}
-    optimizer = run.optimizer.state_dict()
-    if not (all_finite(weights) and all_finite(optimizer["state"])):
+    trainable, optimizer = run._trainable(), run.optimizer.state_dict()
+    # Checked where the tensors are, on every process: only rank 0 needs a CPU copy to write.
+    if not (all_finite(trainable) and all_finite(optimizer["state"])):
         newest = checkpoints(root)
         raise NonFiniteLossError(
             f"the weights or optimiser state became non-finite by step {steps_done}, so no "
@@ -426,6 +434,7 @@ def save(run, steps_done: int) -> Path | None:
             f"{newest[-1] if newest else 'none'}): {_divergence_fix(run.config)}")
     if run.world.rank != 0:
         return None
+    weights = {n: p.detach().cpu().contiguous() for n, p in trainable.items()}
     final, tmp = root / f"checkpoint-{steps_done}", root / f"checkpoint-{steps_done}.tmp"
     with run.stops.deferred():  # a half-written checkpoint is never left as the newest
         shutil.rmtree(tmp, ignore_errors=True)

@@ -200,13 +200,14 @@ class _Run:
         self.eval_pairs = (None if eval_data is None
                            else _tokenize(eval_data, tokenizer, config, model))
         _check_unpaired(config, model, self.pairs, self.eval_pairs)
-        if others := self.world.differing(str(checkpoint.data_digest(self.pairs))):
+        self.fingerprints = None if self.fsdp else fingerprints(
+            model, self.pairs, self.eval_pairs, self.world.size)
+        data = (self.fingerprints or {}).get("data") or checkpoint.data_digest(self.pairs)
+        if others := self.world.differing(str(data)):  # the digest is hashed once per run
             raise ValueError(f"process(es) {others} read other training data than process 0: "
                              "every process must read the same file, split and max lengths.")
         self.batches = Batches(self.pairs, config.batch_size, config.seed, self.world.rank,
                                 self.world.size)
-        self.fingerprints = None if self.fsdp else fingerprints(
-            model, self.pairs, self.eval_pairs, self.world.size)
         loaded = (None if resume_from is None
                   else checkpoint.load(resume_from, config, self.fingerprints))
         self.run_id = uuid.uuid4().hex if loaded is None else loaded["run_id"]

@@ -1359,3 +1359,9 @@ def test_a_chat_template_that_refuses_the_messages(tmp_path):
             model, ValueError, _all("row 0", "chat template refused", "System role not "
                                     "supported", "fix the row")):
         train(model, tok, rows, _small(tmp_path))
+
+
+def test_cli_eval_output_in_a_folder_that_cannot_be_written(prefs, tmp_path, capsys):
+    err = _cli(["eval", "--tiny", "gpt2", "--adapter", str(tmp_path / "a"), "--data", prefs,
+                "--output", "/sys/metrics.json"], capsys)
+    assert re.search(_all("--output", "cannot be written", "another file"), err)
