@@ -10,14 +10,13 @@ the same options; flags given on the command line override it.
 """
 
 import argparse
-import dataclasses
 import json
 import math
 import os
 import signal
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 from .checkpoint import check_output_dir, check_output_file
@@ -330,7 +329,7 @@ def _train_command(args, parser) -> int:
         global_batch = config.batch_size * config.gradient_accumulation_steps * world
         if options["num_train_epochs"] is not None and not options["max_steps_given"]:
             steps = max(1, math.ceil(options["num_train_epochs"] * len(data) / global_batch))
-            config = dataclasses.replace(config, max_steps=steps)
+            config = replace(config, max_steps=steps)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         model = shard_fsdp(model, config.dtype) if options["fsdp"] else model
         say(f"dpo-minimal: {options['model'] or 'tiny ' + options['tiny']}, "
@@ -354,10 +353,10 @@ def _train_command(args, parser) -> int:
     except NonFiniteLossError as err:
         say(f"dpo-minimal: {err}", file=sys.stderr)
         return 1
-    out = Path(config.output_dir)
-    written = _write_outputs(model, tokenizer, History(history), options, config, out, rank)
+    written = _write_outputs(model, tokenizer, History(history), options, config,
+                             Path(config.output_dir), rank)
     say(History(history).summary(seconds, written))
-    _leave_process_group()
+    _leave_process_group(finished=True)
     return 0
 
 
@@ -381,10 +380,12 @@ def _write_outputs(model, tokenizer, history, options, config, out: Path, rank: 
     return [weights, history.to_json(out / "history.json"), history.plot(out / "metrics.png")]
 
 
-def _leave_process_group() -> None:
+def _leave_process_group(finished: bool = False) -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if finished:  # all get here: none tears down while gloo still serves rank 0's gather
+            dist.barrier()
         dist.destroy_process_group()
 
 
