@@ -4,9 +4,10 @@
     accelerate launch --multi_gpu --num_processes 2 -m dpo_minimal train --model gpt2 ...
     dpo-minimal plan microsoft/phi-2 --batch-pairs 2 --seq-len 512 --dtype float16
 
-Every `TrainConfig` field is a flag of `train`, made from the dataclass (its type, default and
-comment), so the command line cannot drift from the library. A `--config` YAML or JSON file sets
-the same options; flags given on the command line override it.
+Every `TrainConfig` field is a flag of `train`, made by transformers' HfArgumentParser from the
+dataclass (its type, default and help), so the command line cannot drift from the library; TRL's
+names (--learning_rate, --per_device_train_batch_size, ...) work too. A `--config` YAML or JSON
+file sets the same options; flags given on the command line override it.
 """
 
 import argparse
@@ -16,104 +17,97 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, dataclass, field, fields, make_dataclass, replace
 from pathlib import Path
 
+from transformers import HfArgumentParser
+
 from .checkpoint import check_output_dir, check_output_file
-from .config import _value_type, read_options_file
+from .config import _converter, _value_type, read_options_file
 from .distributed import init_process_group
 from .losses import LOSSES
 from .models import ARCHITECTURES
 from .train import DTYPES, SCHEDULERS, History, NonFiniteLossError, TrainConfig
 
 TINY = tuple(ARCHITECTURES)  # the families tiny_model builds
-CHOICES = {"loss_type": LOSSES, "dtype": DTYPES, "lr_scheduler": SCHEDULERS, "tiny": TINY,
-           "load_dtype": ("auto", *DTYPES)}
-METAVARS = {"model": "NAME_OR_DIR", "data": "FILE_OR_HUB_NAME", "eval_data": "FILE_OR_HUB_NAME",
-            "lora_targets": "NAMES", "resume_from": "DIR", "output_dir": "DIR", "device": "DEVICE"}
-# The settings of `train` that are not TrainConfig fields: (default, type, help).
-TRAIN_OPTIONS = {
-    "model": (None, str, "a Hub model name or a local folder (from_pretrained)"),
-    "tiny": (None, str, f"a tiny offline model of one architecture: {', '.join(TINY)}"),
-    "pretrained": (False, bool, "with --tiny gpt2: the shipped GPT-2 trained on the course's "
-                   "task world, not a random one"),
-    "data": (None, str, "preference pairs: a .jsonl/.json file or a Hub data set name"),
-    "split": ("train", str, "the split of a Hub data set"),
-    "eval_data": (None, str, "held-out pairs, evaluated every --eval-every steps and at the end"),
-    "eval_split": ("test", str, "the split of a Hub --eval-data"),
-    "lora_r": (16, int, "LoRA rank"),
-    "lora_alpha": (32, int, "LoRA scale alpha (the update is scaled by alpha / r)"),
-    "lora_dropout": (0.05, float, "LoRA dropout (training sets every dropout to 0, as TRL does)"),
-    "lora_targets": (None, str, "comma-separated module names to wrap (default: the family's "
-                     "in dpo_minimal.models.ARCHITECTURES)"),
-    "full": (False, bool, "full fine-tuning: train every weight, no LoRA"),
-    "fsdp": (False, bool, "shard a --full model over the processes with FSDP (also switched on "
-             "by an accelerate config with distributed_type: FSDP)"),
-    "load_dtype": ("auto", str, "dtype of the loaded weights: auto (float32 for --full and "
-                   "--tiny, else --dtype), float32, float16 or bfloat16"),
-    "resume": (False, bool, "continue from the newest checkpoint in --output-dir"),
-    "resume_from": (None, str, "continue from this checkpoint-{step}/ folder"),
-    "num_train_epochs": (None, float, "passes over the data; sets max_steps from the data's "
-                         "size and the global batch (TRL's name; max_steps wins if given too)"),
-}
-# Where the command line's default differs from the library's.
+
+
+def _option(default, help: str, **flag):
+    """A field of TrainOptions: its default, its help and any argparse extras (metavar)."""
+    return field(default=default, metadata={"help": help, **flag})
+
+
+@dataclass
+class TrainOptions:
+    """The settings of `train` that are not TrainConfig fields: the model, the data, LoRA."""
+
+    model: str | None = _option(None, "a Hub model name or a local folder (from_pretrained)",
+                                metavar="NAME_OR_DIR")
+    tiny: str | None = _option(None, "a tiny offline model of one architecture",
+                               choices=list(TINY))
+    pretrained: bool = _option(False, "with --tiny gpt2: the shipped GPT-2 trained on the "
+                               "course's task world, not a random one")
+    data: str | None = _option(None, "preference pairs: a .jsonl/.json file or a Hub data set "
+                               "name", metavar="FILE_OR_HUB_NAME")
+    split: str = _option("train", "the split of a Hub data set")
+    eval_data: str | None = _option(None, "held-out pairs, evaluated every --eval-every steps "
+                                    "and at the end", metavar="FILE_OR_HUB_NAME")
+    eval_split: str = _option("test", "the split of a Hub --eval-data")
+    load_dtype: str = _option("auto", "dtype of the loaded weights: auto is float32 for --full "
+                              "and --tiny, else --dtype", choices=["auto", *DTYPES])
+    num_train_epochs: float | None = _option(
+        None, "passes over the data; sets max_steps from the data's size and the global batch "
+        "(max_steps wins if given too)")
+    lora_r: int = _option(16, "LoRA rank")
+    lora_alpha: int = _option(32, "LoRA scale alpha (the update is scaled by alpha / r)")
+    lora_dropout: float = _option(0.05, "LoRA dropout (training sets every dropout to 0, as TRL "
+                                  "does)")
+    lora_targets: str | None = _option(None, "comma-separated module names to wrap, or "
+                                       "all-linear (unset: the family's, from "
+                                       "dpo_minimal.models.ARCHITECTURES or PEFT)",
+                                       metavar="NAMES")
+    full: bool = _option(False, "full fine-tuning: train every weight, no LoRA")
+    fsdp: bool = _option(False, "shard a --full model over the processes with FSDP (also "
+                         "switched on by an accelerate config with distributed_type: FSDP)")
+    resume: bool = _option(False, "continue from the newest checkpoint in --output-dir")
+    resume_from: str | None = _option(None, "continue from this checkpoint-{step}/ folder",
+                                      metavar="DIR")
+
+
+# What the command line adds to TrainConfig's fields: TRL's and transformers' names for the same
+# setting (every option also answers to --its_name and --its-name), choices, and defaults.
+ALIASES = {"overwrite_output_dir": ["--overwrite"],
+           "batch_size": ["--per_device_train_batch_size", "--per-device-train-batch-size"],
+           "eval_batch_size": ["--per_device_eval_batch_size", "--per-device-eval-batch-size"],
+           "eval_every": ["--eval_steps", "--eval-steps"],
+           "lr_scheduler": ["--lr_scheduler_type", "--lr-scheduler-type"]}
+CHOICES = {"loss_type": list(LOSSES), "dtype": list(DTYPES), "lr_scheduler": list(SCHEDULERS)}
 CLI_DEFAULTS = {"logging_steps": 10}
 EVAL_FIELDS = ("beta", "loss_type", "label_smoothing", "simpo_gamma", "desirable_weight",
                "undesirable_weight", "max_length", "max_prompt_length", "dtype",
                "eval_batch_size", "device", "fused_gelu", "drop_overlong")
 
 
-def _converter(kind: type, optional: bool):
-    if not optional:
-        return kind
-
-    def convert(text: str):
-        return None if text.lower() == "none" else kind(text)
-
-    convert.__name__ = f"{kind.__name__} or none"  # argparse names it in its errors
-    return convert
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-# Other names a flag answers to: TRL's and transformers' (TrainingArguments) for the same
-# setting, and a short one. Every option also answers to its name with underscores.
-ALIASES = {"overwrite_output_dir": ("--overwrite",),
-           "batch_size": ("--per_device_train_batch_size", "--per-device-train-batch-size"),
-           "eval_batch_size": ("--per_device_eval_batch_size", "--per-device-eval-batch-size"),
-           "eval_every": ("--eval_steps", "--eval-steps"),
-           "lr_scheduler": ("--lr_scheduler_type", "--lr-scheduler-type")}
-
-
-def _names(name: str) -> list[str]:
-    """The flags of option `name`: --its-name, --its_name and its ALIASES."""
-    return list(dict.fromkeys([_flag(name), f"--{name}", *ALIASES.get(name, ())]))
-
-
-def _add_option(group, name: str, default, kind: type, help: str, optional: bool = False):
-    """One option; its value stays unset unless given, so --config values can fill it."""
-    shown = help if "default" in help else f"{help} (default: {default})".strip()
-    shown = shown.replace("%", "%%")
-    if kind is bool:
-        group.add_argument(*_names(name), dest=name, action=argparse.BooleanOptionalAction,
-                           default=argparse.SUPPRESS, help=shown)
-        return
-    choices = list(CHOICES[name]) if name in CHOICES else None
-    group.add_argument(*_names(name), dest=name, type=_converter(kind, optional),
-                       choices=choices, default=argparse.SUPPRESS, help=shown,
-                       metavar=None if choices else METAVARS.get(name, kind.__name__.upper()))
-
-
-def _add_config_fields(group, names=None) -> None:
-    """A flag per TrainConfig field: its type, default and help (the field's metadata)."""
-    for field in fields(TrainConfig):
-        if names is None or field.name in names:
-            kind, optional = _value_type(field.type)
-            default = CLI_DEFAULTS.get(field.name, field.default)
-            _add_option(group, field.name, default, kind, field.metadata.get("help", ""),
-                        optional)
+def _flags(cls, group: str, names=None):
+    """A copy of dataclass `cls`'s fields (or the `names` among them) for HfArgumentParser,
+    which makes a flag of each: the field's help, default and type, plus ALIASES, CHOICES and
+    CLI_DEFAULTS. A copy, because the parser rewrites the types of the fields it is given."""
+    specs = []
+    for f in fields(cls):
+        if names is not None and f.name not in names:
+            continue
+        kind, optional = _value_type(f.type)
+        extra = {"choices": CHOICES[f.name]} if f.name in CHOICES else {}
+        if kind is not bool and "choices" not in f.metadata and not extra:
+            extra["metavar"] = f.metadata.get("metavar", kind.__name__.upper())
+        metadata = {**f.metadata, **extra, "help": f.metadata["help"].replace("%", "%%"),
+                    "aliases": ALIASES.get(f.name, [])}
+        default = CLI_DEFAULTS.get(f.name, f.default)
+        specs.append((f.name, bool if kind is bool else _converter(kind, optional),
+                      field(default=default, metadata=metadata)))
+    flags = make_dataclass(f"{cls.__name__}Flags", specs)
+    flags._argument_group_name = group
+    return flags
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,32 +116,25 @@ def build_parser() -> argparse.ArgumentParser:
         "train (LoRA or full), evaluate, and plan GPU memory. Under `accelerate launch` or "
         "`torchrun`, train runs data parallel. `dpo-minimal COMMAND --help` lists a command's "
         "options.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+    # Each command's parser is transformers' HfArgumentParser: a flag per dataclass field.
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     parser_class=HfArgumentParser)
     train = commands.add_parser(
-        "train", help="train a model on preference pairs",
+        "train", help="train a model on preference pairs", allow_abbrev=False,
+        dataclass_types=[_flags(TrainOptions, "model, data and LoRA"),
+                         _flags(TrainConfig, "training (dpo_minimal.TrainConfig; 'none' for an "
+                                "optional value)")],
         description="Train with DPO (or another loss of dpo_minimal.losses.LOSSES) and write the "
         "adapter (or the full model), history.json and metrics.png to --output-dir. Options "
         "come from --config (YAML or JSON) and are overridden by flags.")
-    train.add_argument("--config", type=Path, default=argparse.SUPPRESS, metavar="FILE",
+    train.add_argument("--config", type=Path, metavar="FILE",
                        help="a YAML or JSON file of options (keys as the flags' names, "
                        "- or _); flags override it")
-    model = train.add_argument_group("model and data")
-    for name in ("model", "tiny", "pretrained", "data", "split", "eval_data", "eval_split",
-                 "load_dtype", "num_train_epochs"):
-        _add_option(model, name, *TRAIN_OPTIONS[name])
-    lora = train.add_argument_group("LoRA or full fine-tuning")
-    for name in ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "full", "fsdp"):
-        _add_option(lora, name, *TRAIN_OPTIONS[name])
-    resume = train.add_argument_group("resuming")
-    for name in ("resume", "resume_from"):
-        _add_option(resume, name, *TRAIN_OPTIONS[name])
-    _add_config_fields(train.add_argument_group(
-        "training (dpo_minimal.TrainConfig; 'none' for an optional value)"))
     train.set_defaults(run=_train_command, parser=train)
 
     evaluate = commands.add_parser(
-        "eval", help="DPO metrics of a model on held-out pairs",
+        "eval", help="DPO metrics of a model on held-out pairs", allow_abbrev=False,
+        dataclass_types=[_flags(TrainConfig, "settings (dpo_minimal.TrainConfig)", EVAL_FIELDS)],
         description="Evaluate a trained adapter (its reference is the base model) or a full "
         "model against --reference-model; prints the metrics as JSON.")
     evaluate.add_argument("--model", help="the base model (Hub name or folder), or the full "
@@ -158,8 +145,6 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", required=True, help="a .jsonl/.json file or a Hub data set")
     evaluate.add_argument("--split", default="test", help="the split of a Hub data set")
     evaluate.add_argument("--output", type=Path, help="also write the metrics to this JSON file")
-    _add_config_fields(evaluate.add_argument_group("settings (dpo_minimal.TrainConfig)"),
-                       EVAL_FIELDS)
     evaluate.set_defaults(run=_eval_command, parser=evaluate)
 
     plan = commands.add_parser(
@@ -193,7 +178,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (argparse exits 2 on bad arguments)."""
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args, unknown = parser.parse_known_args(argv)
+    if args.command == "train":
+        # As TRL's parser does: the launcher's precision, then a --config file's values become
+        # the defaults, and the flags override them.
+        args.from_file = {} if args.config is None else _read_config_file(args.config,
+                                                                           args.parser)
+        launcher = {"fp16": "float16", "bf16": "bfloat16"}.get(
+            os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
+        args.parser.set_defaults(**({"dtype": launcher} if launcher else {}), **args.from_file)
+        from_file = args.from_file
+        args, unknown = parser.parse_known_args(argv)
+        args.from_file, args.argv = from_file, argv
     if unknown:  # reported with the subcommand's usage, which lists its flags
         args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return args.run(args, args.parser)
@@ -204,8 +201,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _read_config_file(path: Path, parser) -> dict:
     """The options in a --config file (`config.read_options_file`); an error exits 2."""
-    kinds = {name: kind for name, (_, kind, _) in TRAIN_OPTIONS.items()}
-    kinds.update((f.name, _value_type(f.type)[0]) for f in fields(TrainConfig))
+    kinds = {f.name: _value_type(f.type)[0] for f in (*fields(TrainOptions),
+                                                       *fields(TrainConfig))}
     try:
         values = read_options_file(path, kinds)
     except ValueError as err:
@@ -215,24 +212,22 @@ def _read_config_file(path: Path, parser) -> dict:
     return values
 
 
+def _given(parser, argv: list[str], name: str) -> bool:
+    """Whether option `name` is on the command line `argv` (the parser takes no abbreviations)."""
+    flags = next(a.option_strings for a in parser._actions if a.dest == name)
+    return any(arg.split("=", 1)[0] in flags for arg in argv)
+
+
 def _options(args, parser) -> tuple[dict, TrainConfig]:
     """The train command's options (defaults < --config file < flags) and its TrainConfig."""
-    given = {k: v for k, v in vars(args).items()
-             if k not in ("run", "parser", "command", "config")}
-    from_file = _read_config_file(args.config, parser) if "config" in args else {}
-    defaults = {name: spec[0] for name, spec in TRAIN_OPTIONS.items()}
-    # An accelerate config's mixed_precision (fp16, bf16) is the dtype unless one is given.
-    launcher = {"fp16": "float16", "bf16": "bfloat16"}.get(
-        os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
-    launched = {"dtype": launcher} if launcher else {}
-    merged = {**defaults, **CLI_DEFAULTS, **launched, **from_file, **given}
     names = {f.name for f in fields(TrainConfig)}
     try:
-        config = TrainConfig(**{k: v for k, v in merged.items() if k in names})
+        config = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
     except ValueError as err:
         parser.error(str(err))
-    options = {k: v for k, v in merged.items() if k not in names}
-    options["max_steps_given"] = "max_steps" in from_file or "max_steps" in given
+    options = {f.name: getattr(args, f.name) for f in fields(TrainOptions)}
+    options["max_steps_given"] = ("max_steps" in args.from_file
+                                  or _given(parser, args.argv, "max_steps"))
     if options["pretrained"] and options["tiny"] not in ("gpt2", None):
         parser.error(f"--pretrained: no pretrained tiny {options['tiny']} ships; use --tiny gpt2 "
                      "--pretrained, or drop --pretrained.")
@@ -244,8 +239,9 @@ def _options(args, parser) -> tuple[dict, TrainConfig]:
     if (options["model"] is None) == (options["tiny"] is None):
         parser.error("give exactly one of --model NAME_OR_FOLDER and --tiny "
                      f"{{{','.join(TINY)}}}.")
-    if options["tiny"] is not None and options["tiny"] not in TINY:
-        parser.error(f"--tiny {options['tiny']!r}: use one of {', '.join(TINY)}.")
+    for name, allowed in (("tiny", (None, *TINY)), ("load_dtype", ("auto", *DTYPES))):
+        if options[name] not in allowed:  # a --config value, which argparse does not check
+            parser.error(f"{name} {options[name]!r}: use one of {', '.join(allowed[1:])}.")
     if options["data"] is None:
         parser.error("--data is required: a .jsonl/.json file of prompt/chosen/rejected rows, or "
                      "a Hub data set name.")
@@ -260,9 +256,6 @@ def _options(args, parser) -> tuple[dict, TrainConfig]:
                          overwrite=config.overwrite_output_dir)
     except ValueError as err:
         parser.error(str(err))
-    if options["load_dtype"] not in ("auto", *DTYPES):
-        parser.error(f"--load-dtype {options['load_dtype']!r}: use auto, "
-                     f"{', '.join(DTYPES)}.")
     options["fsdp"] = options["fsdp"] or os.environ.get("ACCELERATE_USE_FSDP", "") == "true"
     if options["fsdp"] and not options["full"]:
         parser.error("FSDP (--fsdp, or an accelerate config with distributed_type: FSDP) shards "

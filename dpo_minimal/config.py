@@ -353,3 +353,15 @@ def _value_type(annotation) -> tuple[type, bool]:
         kinds = [a for a in annotation.__args__ if a is not type(None)]
         return kinds[0], True
     return annotation, False
+
+
+def _converter(kind: type, optional: bool):
+    """argparse's type for a field: `kind`, or for an optional field also 'none' for None."""
+    if not optional:
+        return kind
+
+    def convert(text: str):
+        return None if text.lower() == "none" else kind(text)
+
+    convert.__name__ = f"{kind.__name__} or none"  # argparse names it in its errors
+    return convert

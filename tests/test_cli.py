@@ -14,7 +14,7 @@ from transformers import PhiConfig
 
 from dpo_minimal import load_preferences, shipped_data_path, tiny_model
 from dpo_minimal.adapters import load_adapter
-from dpo_minimal.cli import main
+from dpo_minimal.cli import build_parser, main
 from dpo_minimal.memory import plan_memory
 from dpo_minimal.train import TrainConfig
 
@@ -184,6 +184,35 @@ def test_num_train_epochs_sets_the_steps(prefs, tmp_path):
     assert main(["train", "--tiny", "gpt2", "--data", prefs, "--output-dir", str(tmp_path),
                  "--num_train_epochs", "1.5", *SMALL]) == 0  # 6 pairs, batch 2: 4.5 -> 5
     assert len(json.loads((tmp_path / "history.json").read_text())) == 5
+
+
+@pytest.mark.parametrize("given", [["--max_steps=2"], ["--max-steps", "2"], ["--config", "{f}"]])
+def test_max_steps_given_wins_over_num_train_epochs(prefs, tmp_path, given):
+    options = tmp_path / "options.json"
+    options.write_text(json.dumps({"max_steps": 2}))
+    given = [arg.format(f=options) for arg in given]
+    assert main(["train", "--tiny", "gpt2", "--data", prefs, "--output-dir", str(tmp_path / "o"),
+                 "--num_train_epochs", "3", *given, *SMALL]) == 0
+    assert len(json.loads((tmp_path / "o" / "history.json").read_text())) == 2
+
+
+@pytest.mark.parametrize("values, message", [({"tiny": "bert"}, "tiny 'bert': use one of"),
+                                             ({"load_dtype": "int8"}, "load_dtype 'int8'")])
+def test_config_file_values_are_checked_like_flags(prefs, tmp_path, capsys, values, message):
+    options = tmp_path / "options.json"
+    options.write_text(json.dumps(values))
+    with pytest.raises(SystemExit) as exited:
+        main(["train", "--config", str(options), "--data", prefs, "--output-dir",
+              str(tmp_path / "o"), *([] if "tiny" in values else ["--tiny", "gpt2"])])
+    assert exited.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_parser_leaves_trainconfig_types_alone():
+    """HfArgumentParser rewrites the types of the fields it is given: it gets a copy."""
+    before = {f.name: f.type for f in fields(TrainConfig)}
+    build_parser()
+    assert {f.name: f.type for f in fields(TrainConfig)} == before
+    assert before["max_grad_norm"] == float | None
 
 
 def test_pretrained_tiny_model_from_the_command_line(tmp_path, capsys):
