@@ -301,18 +301,32 @@ def _orpo_pairs(policy, reference, lengths, config):
     return losses, beta * average[:b], beta * average[b:]
 
 
+def _sft_pairs(policy, reference, lengths, config):
+    """Preferred-FT, the DPO paper's baseline (Sec. 6): the negative log-likelihood per token of
+    the chosen response, -log pi(y_w | x) / |y_w|; the rejected response is not trained.
+
+    The rewards reported are the per-token average log-likelihoods, so rewards/accuracies says
+    how often the chosen response is the likelier one.
+    """
+    b = policy.shape[0] // 2
+    average = policy / lengths
+    return -average[:b], average[:b].detach(), average[b:].detach()
+
+
 # Each loss's paper. The first six are dpo_loss's forms (LOSS_TYPES); KTO and ORPO have their
-# own functions and are adapted to pairs here.
+# own functions and are adapted to pairs here; "sft" is the paper's Preferred-FT baseline.
 PAPERS = {"sigmoid": "DPO, arXiv 2305.18290 (Eq 7)", "robust": "robust DPO, arXiv 2403.00409",
           "ipo": "IPO, arXiv 2310.12036", "hinge": "SLiC-HF, arXiv 2305.10425",
           "simpo": "SimPO, arXiv 2405.14734",
           "unweighted": "DPO's gradient without its weight (teaching only)",
-          "kto": "KTO, arXiv 2402.01306", "orpo": "ORPO, arXiv 2403.07691"}
+          "kto": "KTO, arXiv 2402.01306", "orpo": "ORPO, arXiv 2403.07691",
+          "sft": "Preferred-FT, the baseline of DPO, arXiv 2305.18290 (Sec. 6)"}
 LOSSES = {
     **{name: PreferenceLoss(_dpo_family(name), name not in _NO_REFERENCE, PAPERS[name])
        for name in LOSS_TYPES},
     "kto": PreferenceLoss(_kto_pairs, True, PAPERS["kto"]),
     "orpo": PreferenceLoss(_orpo_pairs, False, PAPERS["orpo"]),
+    "sft": PreferenceLoss(_sft_pairs, False, PAPERS["sft"]),
 }
 
 

@@ -8,7 +8,7 @@ import torch
 from dpo_minimal import add_lora, load_preferences, tiny_model
 from dpo_minimal.course import frontier, task
 from dpo_minimal.data import DATA_DIR
-from dpo_minimal.train import TrainConfig
+from dpo_minimal.train import TrainConfig, train
 
 REWARDS = torch.tensor([[0.0, 0.0, 1.0, 1.0], [1 / 3, 1 / 3, 1 / 3, 1.0]])
 
@@ -74,16 +74,21 @@ def test_log_ratios_zero_for_a_fresh_adapter_and_positive_on_average():
     assert ratios.shape == (len(prompts), 4) and ratios.mean() > 1.0  # a KL estimate, nats
 
 
-def test_preferred_ft_lowers_nll_and_ignores_the_rejected(data):
-    config = TrainConfig(learning_rate=3e-3, batch_size=4, max_steps=12, max_length=72,
-                         max_prompt_length=32, progress=False)
+def test_preferred_ft_is_the_sft_loss_it_lowers_nll_and_ignores_the_rejected(data):
+    config = TrainConfig(loss_type="sft", learning_rate=3e-3, batch_size=4, max_steps=12,
+                         max_length=72, max_prompt_length=32, progress=False)
     model, tok = _lora()
-    losses = frontier.preferred_ft(model, tok, data, config)
+    history = train(model, tok, data, config)
+    losses = [row["loss"] for row in history]
+    # The loss is the chosen responses' NLL per token, and the log-probs logged agree with it.
+    assert losses[0] == pytest.approx(-history[0]["rewards/chosen"], rel=1e-6)
     assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3])
+    assert history[-1]["logps/chosen"] > history[0]["logps/chosen"]
     swapped = data.map(lambda row: {"rejected": " Nothing at all."})
     again, _ = _lora()
     # Only the padding width changes, which moves a loss by float rounding at most.
-    assert frontier.preferred_ft(again, tok, swapped, config) == pytest.approx(losses, rel=1e-5)
+    assert [row["loss"] for row in train(again, tok, swapped, config)] == pytest.approx(
+        losses, rel=1e-5)
 
 
 def test_tiny_frontier_run_has_every_method_and_plots():

@@ -5,7 +5,8 @@ expected reward of each policy against its KL(pi || pi_ref): a method is better 
 reward for the same KL budget. Here is the same plot, with the task world's true reward, for:
 
 - DPO at several beta (LoRA on the pretrained tiny GPT-2, `dpo_minimal.train`);
-- Preferred-FT: LoRA fine-tuning with plain NLL on the chosen responses only;
+- Preferred-FT: LoRA fine-tuning with plain NLL on the chosen responses only (`train` with
+  loss_type "sft");
 - Best-of-N: draw N responses from the reference, keep one with the highest true reward;
 - pi*: the exact optimum of the KL-regularised objective (Eq 3), pi* ~ pi_ref exp(r / beta)
   (Eq 4): the frontier itself, which no policy can beat (up to sampling noise).
@@ -28,15 +29,15 @@ How each point is measured, on the held-out prompts (task_heldout.jsonl):
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from ..data import DATA_DIR, collate_pairs, collate_unpaired, load_preferences, tokenize_preferences
-from ..logprobs import batch_logps, sequence_logps
+from ..data import DATA_DIR, collate_unpaired, load_preferences
+from ..logprobs import batch_logps
 from ..models import add_lora, tiny_model
 from ..objective import Reference
-from ..train import TrainConfig, disable_dropout, train
+from ..train import TrainConfig, train
 from . import task
 
 
@@ -67,40 +68,6 @@ SIZES = {
     "full": FrontierConfig(betas=(0.3, 0.5, 1.0, 3.0, 10.0, 30.0), steps=400,
                            learning_rate=5e-4, n_samples=16, reference_samples=64),
 }
-
-
-def preferred_ft(model, tokenizer, data, config: TrainConfig) -> list[float]:
-    """Preferred-FT: minimise the NLL of the chosen responses (the rejected are never used).
-
-    -sum_t log pi(y_w,t | x, y_w,<t) / (number of response tokens), with AdamW on the trainable
-    (LoRA) parameters, cosine schedule, gradient clipping, batches of config.batch_size pairs
-    reshuffled each epoch from config.seed. Trains `model` in place; returns the losses.
-    """
-    pairs = tokenize_preferences(data, tokenizer, config.max_length, config.max_prompt_length)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.max_steps)
-    generator = torch.Generator().manual_seed(config.seed)
-    disable_dropout(model)
-    model.train()
-    order, losses = [], []
-    for _ in range(config.max_steps):
-        if len(order) < config.batch_size:
-            order += torch.randperm(len(pairs), generator=generator).tolist()
-        picked, order = order[: config.batch_size], order[config.batch_size:]
-        batch = collate_pairs([pairs[i] for i in picked], tokenizer.pad_token_id)
-        b = len(picked)  # rows 0..b-1 are the chosen responses
-        ids, attention, mask = (batch[k][:b] for k in ("input_ids", "attention_mask", "loss_mask"))
-        logits = model(input_ids=ids, attention_mask=attention).logits
-        loss = -sequence_logps(logits, ids, mask).sum() / mask[:, 1:].sum()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    model.eval()
-    return losses
 
 
 @torch.no_grad()
@@ -221,10 +188,9 @@ def frontier(config: FrontierConfig | str = "smoke", progress: bool = False) -> 
             beta=beta or 0.1, learning_rate=cfg.learning_rate, batch_size=cfg.batch_size,
             max_steps=cfg.steps, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
             seed=cfg.seed, progress=False)
-        if method == "DPO":
-            train(model, tokenizer, data, train_config)
-        else:
-            preferred_ft(model, tokenizer, data, train_config)
+        # Preferred-FT is the loss "sft": the chosen responses' likelihood, through the same loop.
+        train(model, tokenizer, data,
+              train_config if method == "DPO" else replace(train_config, loss_type="sft"))
         samples = task.sample(model, tokenizer, prompts, cfg.n_samples,
                               max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
         setting = f"beta={beta:g}" if beta else f"{cfg.steps} steps"
