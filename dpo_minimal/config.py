@@ -157,7 +157,12 @@ PANELS = [("loss", "DPO loss", "loss (nats)"),
 
 
 class History(list):
-    """A list of per-step metric dicts (TRL's names), with JSON round trips."""
+    """A list of per-step metric dicts (TRL's names), with JSON round trips.
+
+    Row `step` k (1, 2, ...) is the k-th optimiser step, numbered as TRL's log and the console
+    number it: its training metrics are measured on that step's batch before its update (so the
+    first row's policy is the reference), and its held-out metrics, if any, after it.
+    """
 
     def to_json(self, path) -> Path:
         path = Path(path)

@@ -51,8 +51,6 @@ from .objective import (  # noqa: F401 - the public step, importable from here a
     preference_step,
 )
 
-_Batches = Batches  # the name notebook 07 imports
-
 
 def train(model, tokenizer, train_data, config: TrainConfig, eval_data=None,
           resume_from=None) -> History:
@@ -68,7 +66,7 @@ def train(model, tokenizer, train_data, config: TrainConfig, eval_data=None,
       step, from its initial weights.
     - With `fused_gelu` (default) the model's Python tanh GELU runs as one fused kernel during
       training (`models.fused_gelu`; the modules are restored on return).
-    - Dropout is set to 0 (in place) so step 0 is exactly the reference: loss ln 2.
+    - Dropout is set to 0 (in place): the first step's policy is exactly the reference, loss ln 2.
     - One concatenated chosen+rejected forward per micro-batch; AdamW on trainable parameters;
       transformers' warmup + cosine/linear/constant schedule; gradient clipping; autocast (+
       GradScaler for float16).
@@ -314,7 +312,7 @@ class _Run:
             seconds = time.perf_counter() - start
             *values, tokens = self.world.sum([*totals.values(), tokens])
             pairs = config.batch_size * config.gradient_accumulation_steps * self.world.size
-            row = {"step": step, **_mean(dict(zip(totals, values)), pairs),
+            row = {"step": step + 1, **_mean(dict(zip(totals, values)), pairs),
                    "grad_norm": grad_norm, "learning_rate": lr, "step_seconds": seconds,
                    "tokens_per_second": tokens / seconds,
                    "peak_memory_gib": self.world.max(_peak_memory_gib(self.device))}
@@ -440,7 +438,7 @@ def window_mean(rows: list[dict]) -> dict:
 def metrics_line(row: dict, max_steps: int) -> str:
     """One History row (or a `window_mean` of rows) as a line of text: step, loss, accuracy,
     margin (KTO on unpaired data: margin and kl, its z0), lr, speed, eval loss."""
-    line = f"step {row['step'] + 1}/{max_steps}"
+    line = f"step {row['step']}/{max_steps}"
     line += "".join(f"  {name} {value}" for name, value in _shown(row).items())
     line += f"  lr {row['learning_rate']:.2e}  {row['tokens_per_second']:.0f} tok/s"
     if "eval/loss" in row:

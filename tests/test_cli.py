@@ -236,7 +236,7 @@ def test_logging_window_evaluation_schedule_and_summary(prefs, tmp_path, capsys)
                  "--logging-steps", "5", *SMALL]) == 0
     out = capsys.readouterr().out
     history = json.loads((tmp_path / "history.json").read_text())
-    assert [row["step"] + 1 for row in history if "eval/loss" in row] == [5, 10]
+    assert [row["step"] for row in history if "eval/loss" in row] == [5, 10]
     lines = [line for line in out.splitlines() if line.startswith("step ")]
     assert [line.split()[1] for line in lines] == ["5/10", "10/10"]
     logged = float(lines[1].split("loss ")[1].split()[0])

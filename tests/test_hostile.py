@@ -888,7 +888,7 @@ def test_a_broken_trainer_state_named_when_resumed_by_path(saved_run, tmp_path):
 def test_raising_max_steps_continues_the_run(saved_run):
     history = train(*_lora(), ROWS, dataclasses.replace(saved_run, max_steps=4),
                     eval_data=ROWS[:2], resume_from=True)
-    assert [row["step"] for row in history] == [0, 1, 2, 3]
+    assert [row["step"] for row in history] == [1, 2, 3, 4]
 
 
 def test_max_steps_below_the_steps_done_is_refused(saved_run, tmp_path):

@@ -152,10 +152,10 @@ def test_full_fine_tuning_uses_a_frozen_reference():
 def test_eval_every_and_history_json_round_trip(tmp_path):
     model, tok = _lora()
     history = train(model, tok, DATA, _config(max_steps=4, eval_every=2), eval_data=HELD_OUT)
-    # After steps 2 and 4 (counted from 1): rows 1 and 3.
-    assert [r["step"] for r in history if "eval/loss" in r] == [1, 3]
+    # After steps 2 and 4, as the console numbers them.
+    assert [r["step"] for r in history if "eval/loss" in r] == [2, 4]
     again = History.from_json(history.to_json(tmp_path / "history.json"))
-    assert again == history and again.series("loss")[0] == [0, 1, 2, 3]
+    assert again == history and again.series("loss")[0] == [1, 2, 3, 4]
 
 
 def test_adapter_round_trip_and_generation_table(tmp_path):
