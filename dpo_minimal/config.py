@@ -50,6 +50,9 @@ class TrainConfig:
     lr_scheduler: str = _field("cosine", "cosine | linear | constant, after a linear warmup")
     max_grad_norm: float | None = _field(1.0, "clip the gradient norm to this (None: no clipping)")
     weight_decay: float = _field(0.0, "AdamW's decoupled weight decay")
+    dropout: float = _field(
+        0.0, "dropout probability of the policy's training passes (0: off, as TRL); full "
+        "fine-tuning only, whose reference is frozen without dropout")
     eval_every: int = _field(0, "evaluate on eval_data every N steps (0: only at the end)")
     eval_batch_size: int = _field(8, "pairs per evaluation batch")
     device: str | None = _field(None, "where to train (None: the model's device)")
@@ -107,6 +110,8 @@ class TrainConfig:
             if value != 1.0 and self.loss_type != "kto":
                 raise ValueError(f"{name} weighs KTO's examples; loss_type={self.loss_type!r} "
                                  f"does not use it: leave it at 1.0 or set loss_type='kto'.")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout} (0.1 is usual).")
         if not 0 <= self.weight_decay < 1 or not 0 <= self.simpo_gamma < 1e3:
             raise ValueError(f"weight_decay must be in [0, 1) and simpo_gamma >= 0, got "
                              f"{self.weight_decay} and {self.simpo_gamma}.")

@@ -179,8 +179,9 @@ def tiny_model(arch: str = "gpt2", seed: int = 0, pretrained: bool = False):
     `PhiForCausalLM` (partial rotary, untied lm_head with bias, like phi-2), "llama" a
     `LlamaForCausalLM` (SwiGLU, RMSNorm, 2 key/value heads for 4 query heads, tied head, like
     SmolLM2). All have 4 layers of width 128 and run in seconds on CPU.
-    `pretrained=True` (gpt2 only; `seed` unused) loads instead the shipped GPT-2 trained on the
-    course's task world (pretrained/gpt2/, float32; scripts/pretrain.py and its RECIPE.md).
+    `pretrained=True` ("gpt2" or "phi"; `seed` unused) loads instead the shipped model of that
+    arch trained on the course's task world (pretrained/{arch}/, float32; scripts/pretrain.py
+    and the folder's RECIPE.md).
     Returns (model, tokenizer); the model is in eval mode.
     """
     if arch not in ARCHITECTURES:
@@ -188,8 +189,10 @@ def tiny_model(arch: str = "gpt2", seed: int = 0, pretrained: bool = False):
     tokenizer = course_tokenizer()
     if pretrained:
         if not (PRETRAINED_DIR / arch).is_dir():
-            raise ValueError(f"no pretrained weights ship for arch {arch!r}: use 'gpt2', or "
-                             "pretrained=False for a randomly initialised model.")
+            shipped = ", ".join(repr(d.name) for d in sorted(PRETRAINED_DIR.iterdir())
+                                if d.is_dir())
+            raise ValueError(f"no pretrained weights ship for arch {arch!r}: use {shipped}, "
+                             "or pretrained=False for a randomly initialised model.")
         model_class = ARCHITECTURES[arch].model_class
         model = model_class.from_pretrained(PRETRAINED_DIR / arch, dtype=torch.float32).eval()
         model.generation_config.pad_token_id = tokenizer.pad_token_id

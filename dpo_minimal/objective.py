@@ -9,15 +9,16 @@ from .logprobs import _is_peft, batch_logps
 from .losses import LOSSES, kto_loss
 
 
-def disable_dropout(model) -> None:
-    """Set every dropout probability to 0 (in place), as TRL does for DPO.
+def disable_dropout(model, p: float = 0.0) -> None:
+    """Set every dropout probability to 0 (in place), as TRL does for DPO; or to `p`.
 
     With dropout the policy would differ from the reference at step 0 by noise alone; without
-    it the first loss is exactly ln 2.
+    it the first loss is exactly ln 2. `p` > 0 (`TrainConfig.dropout`) puts the same
+    probability in every `torch.nn.Dropout` module, a regulariser for full fine-tuning.
     """
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+            module.p = p
 
 
 class Reference:

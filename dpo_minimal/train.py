@@ -215,7 +215,12 @@ class _Run:
             clear_checkpoints(foreign)
 
         torch.manual_seed(config.seed)
-        disable_dropout(model)
+        if config.dropout and _is_peft(model):
+            # The disabled adapter would be the reference, with the same dropout noise.
+            raise ValueError(f"dropout={config.dropout} is for full fine-tuning: a LoRA "
+                             "model's reference is its own forward pass; use add_lora's "
+                             "dropout (LoRA dropout) instead.")
+        disable_dropout(model, config.dropout)
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})

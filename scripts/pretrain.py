@@ -1,15 +1,16 @@
-"""Pretrain the course's tiny GPT-2 on the task world's SFT corpus, and ship it.
+"""Pretrain one of the course's tiny models on the task world's SFT corpus, and ship it.
 
     python scripts/pretrain.py                  # train, then write dpo_minimal/pretrained/gpt2/
+    python scripts/pretrain.py --arch phi       # the tiny phi, into dpo_minimal/pretrained/phi/
     python scripts/pretrain.py --out /tmp/gpt2  # somewhere else
     python scripts/pretrain.py --check          # exit 1 unless a retrain gives the shipped hash
 
-The model is `tiny_model("gpt2")`'s GPT2LMHeadModel with the course tokenizer, unchanged except
-for the sizes set below, trained from its seeded random start with next-token cross-entropy on
-the response tokens of dpo_minimal/data/task_sft.jsonl (the prompt is context, not a target).
-The corpus is a demonstrator that is right about half the time and brief about half the time, so
-the model comes out fluent but only partly right: the room DPO needs. Same seed, same thread
-count, same machine: the same weights, bit for bit (the hash is in RECIPE.md).
+The model is `tiny_model(arch)`'s GPT2LMHeadModel or PhiForCausalLM with the course tokenizer,
+unchanged except for the sizes set below, trained from its seeded random start with next-token
+cross-entropy on the response tokens of dpo_minimal/data/task_sft.jsonl (the prompt is context,
+not a target). The corpus is a demonstrator that is right about half the time and brief about
+half the time, so the model comes out fluent but only partly right: the room DPO needs. Same
+seed, same thread count, same machine: the same weights, bit for bit (the hash is in RECIPE.md).
 """
 
 import argparse
@@ -29,9 +30,11 @@ from dpo_minimal.data import DATA_DIR
 from dpo_minimal.models import PRETRAINED_DIR as SHIPPED
 from dpo_minimal.models import tiny_model
 
-PRETRAINED_DIR = SHIPPED / "gpt2"
-
-SIZES = dict(n_layer=4, n_embd=128, n_head=4)  # tiny_model("gpt2")'s sizes; see RECIPE.md
+# Per arch: the config keys of depth, width and heads, and tiny_model(arch)'s values for them.
+SIZE_KEYS = {"gpt2": ("n_layer", "n_embd", "n_head"),
+             "phi": ("num_hidden_layers", "hidden_size", "num_attention_heads")}
+SIZES = {"gpt2": (4, 128, 4), "phi": (4, 128, 4)}  # see RECIPE.md
+CLASS_NAMES = {"gpt2": "GPT-2", "phi": "phi"}
 
 
 def encode(rows: list[dict], tokenizer) -> list[tuple[list[int], int]]:
@@ -57,9 +60,12 @@ def batch(examples: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Ten
 def train(args) -> tuple:
     """Train from tiny_model's seeded start -> (model, tokenizer, losses, wall s, CPU s)."""
     torch.set_num_threads(args.threads)
-    model, tokenizer = tiny_model("gpt2", seed=args.seed)
+    model, tokenizer = tiny_model(args.arch, seed=args.seed)
     config = model.config
-    config.update({**SIZES, "n_layer": args.n_layer, "n_embd": args.n_embd})
+    depth, width, heads = SIZE_KEYS[args.arch]
+    config.update({depth: args.n_layer, width: args.n_embd, heads: SIZES[args.arch][2]})
+    if args.arch == "phi":  # phi's MLP is 4x its width, as in phi-2
+        config.update({"intermediate_size": 4 * args.n_embd})
     torch.manual_seed(args.seed)
     model = type(model)(config)
     rows = [json.loads(line) for line in (DATA_DIR / "task_sft.jsonl").read_text().splitlines()]
@@ -84,9 +90,9 @@ def train(args) -> tuple:
         picked, order = order[: args.batch_size], order[args.batch_size:]
         input_ids, attention, targets = batch([data[i] for i in picked], tokenizer.pad_token_id)
         # The LM head only where a response token is predicted: a third of the positions.
-        hidden = model.transformer(input_ids=input_ids, attention_mask=attention).last_hidden_state
+        hidden = model.base_model(input_ids=input_ids, attention_mask=attention).last_hidden_state
         trained = targets[:, 1:] != -100
-        logits = model.lm_head(hidden[:, :-1][trained])
+        logits = model.get_output_embeddings()(hidden[:, :-1][trained])
         loss = torch.nn.functional.cross_entropy(logits, targets[:, 1:][trained])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -137,18 +143,21 @@ def save(model, tokenizer, out: Path, args, losses, seconds, quality, load) -> s
     n_params = sum(p.numel() for p in model.parameters())
     size = (out / "model.safetensors").stat().st_size
     command = "python scripts/pretrain.py " + " ".join(sys.argv[1:])
-    (out / "RECIPE.md").write_text(f"""# The course's pretrained tiny GPT-2
+    dropout = ("dropout as in GPT2Config" if args.arch == "gpt2"
+               else "no dropout (PhiConfig's default)")
+    (out / "RECIPE.md").write_text(f"""# The course's pretrained tiny {CLASS_NAMES[args.arch]}
 
-`tiny_model("gpt2", pretrained=True)` loads this folder. Rebuild it with `make pretrain`.
+`tiny_model("{args.arch}", pretrained=True)` loads this folder. Rebuild it with `make pretrain`.
 
-- What: `GPT2LMHeadModel`, {args.n_layer} layers, width {args.n_embd}, {SIZES['n_head']} heads,
+- What: `{type(model).__name__}`, {args.n_layer} layers, width {args.n_embd},
+  {SIZES[args.arch][2]} heads,
   {n_params:,} parameters (float32), the shipped course tokenizer (`course_tokenizer()`).
 - Data: `dpo_minimal/data/task_sft.jsonl` (the task world's SFT corpus; see the data card),
   next-token cross-entropy on the response tokens and the EOS after them.
 - Command: `{command.strip()}`
 - Seed {args.seed}, {args.steps} steps of {args.batch_size} sequences, AdamW (lr {args.lr},
   betas 0.9/0.98, weight decay 0.01, gradient clipping 1.0), warmup {max(1, args.steps // 20)}
-  steps then cosine to lr/10, torch threads: {args.threads}, dropout as in GPT2Config.
+  steps then cosine to lr/10, torch threads: {args.threads}, {dropout}.
 - Training time: {seconds[0]:.0f} s wall, {seconds[1]:.0f} s CPU (this process), on
   {platform.machine()} ({os.cpu_count()} cores, torch {torch.__version__}); 1-minute load
   average before/after {load[0]:.1f}/{load[1]:.1f}. Other jobs shared the machine, so the wall
@@ -181,22 +190,26 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--arch", choices=sorted(SIZES), default="gpt2")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n-layer", type=int, default=SIZES["n_layer"])
-    parser.add_argument("--n-embd", type=int, default=SIZES["n_embd"])
+    parser.add_argument("--n-layer", type=int, help="depth (default: tiny_model's)")
+    parser.add_argument("--n-embd", type=int, help="width (default: tiny_model's)")
     # One thread: bit-reproducible on any machine with the same kernels, and far faster than
     # two when other jobs share the cores (OpenMP threads then wait on each other).
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--samples", type=int, default=8, help="per question, for RECIPE.md")
-    parser.add_argument("--out", type=Path, default=PRETRAINED_DIR)
+    parser.add_argument("--out", type=Path, help="default: dpo_minimal/pretrained/ARCH/")
     parser.add_argument("--check", action="store_true",
                         help="retrain into a scratch folder and compare the hash with RECIPE.md")
     args = parser.parse_args()
-    shipped = PRETRAINED_DIR / "RECIPE.md"
+    args.n_layer = args.n_layer or SIZES[args.arch][0]
+    args.n_embd = args.n_embd or SIZES[args.arch][1]
+    args.out = args.out or SHIPPED / args.arch
+    shipped = SHIPPED / args.arch / "RECIPE.md"
     if args.check:
         import tempfile
 
-        args.out = Path(tempfile.mkdtemp()) / "gpt2"
+        args.out = Path(tempfile.mkdtemp()) / args.arch
     load_before = os.getloadavg()[0]
     model, tokenizer, losses, *seconds = train(args)
     quality = measure(model, tokenizer, args.samples)

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import GPT2LMHeadModel
+from transformers import GPT2LMHeadModel, PhiForCausalLM
 
 from dpo_minimal import add_lora, load_preferences, tiny_model
 from dpo_minimal.course import task
 from dpo_minimal.data import DATA_DIR
-from dpo_minimal.models import PRETRAINED_DIR as SHIPPED
+from dpo_minimal.models import PRETRAINED_DIR
 
-PRETRAINED_DIR = SHIPPED / "gpt2"
+SHIPPED_ARCHS = {"gpt2": GPT2LMHeadModel, "phi": PhiForCausalLM}
 
 ROOT = Path(__file__).resolve().parents[1]
 AUS = task.render("What is the capital of Australia?")
@@ -122,25 +122,33 @@ def test_win_rate_counts_ties_separately():
         task.win_rate(policy, reference[:1])
 
 
-def test_pretrained_weights_match_their_recipe():
-    weights = PRETRAINED_DIR / "model.safetensors"
-    digest = re.search(r"sha256 `([0-9a-f]{64})`", (PRETRAINED_DIR / "RECIPE.md").read_text())
+@pytest.mark.parametrize("arch", SHIPPED_ARCHS)
+def test_pretrained_weights_match_their_recipe(arch):
+    folder = PRETRAINED_DIR / arch
+    weights = folder / "model.safetensors"
+    recipe = (folder / "RECIPE.md").read_text()
+    assert f'tiny_model("{arch}", pretrained=True)' in recipe
+    digest = re.search(r"sha256 `([0-9a-f]{64})`", recipe)
     assert digest and hashlib.sha256(weights.read_bytes()).hexdigest() == digest.group(1)
     assert weights.stat().st_size <= 10 * 2**20
 
 
-@pytest.fixture(scope="module")
-def pretrained():
-    return tiny_model("gpt2", pretrained=True)
+def test_every_shipped_folder_is_tested():
+    assert sorted(d.name for d in PRETRAINED_DIR.iterdir() if d.is_dir()) == sorted(SHIPPED_ARCHS)
+
+
+@pytest.fixture(scope="module", params=sorted(SHIPPED_ARCHS))
+def pretrained(request):
+    return tiny_model(request.param, pretrained=True)
 
 
 def test_pretrained_model_loads_ready_to_generate(pretrained):
     model, tok = pretrained
-    assert isinstance(model, GPT2LMHeadModel) and not model.training
+    assert isinstance(model, SHIPPED_ARCHS[model.config.model_type]) and not model.training
     assert model.dtype == torch.float32 and model.config.vocab_size == len(tok)
     assert tok.pad_token_id == model.generation_config.pad_token_id == tok.eos_token_id
     with pytest.raises(ValueError, match="no pretrained weights"):
-        tiny_model("phi", pretrained=True)
+        tiny_model("llama", pretrained=True)
 
 
 def test_pretrained_model_is_fluent_but_only_partly_right(pretrained):
@@ -166,7 +174,7 @@ def test_sample_is_seeded_per_prompt_and_reference_disables_the_adapter(pretrain
         assert ids[-1] == tok.eos_token_id or len(ids) == 32
     rewards, texts = task.sample_rewards(model, tok, prompts, n_samples=3, seed=5)
     assert rewards.shape == (3, 3) and texts == [r["responses"] for r in rows]
-    peft = add_lora(tiny_model("gpt2", pretrained=True)[0], r=4)
+    peft = add_lora(tiny_model(model.config.model_type, pretrained=True)[0], r=4)
     with torch.no_grad():
         for p in peft.parameters():
             if p.requires_grad:
@@ -175,3 +183,18 @@ def test_sample_is_seeded_per_prompt_and_reference_disables_the_adapter(pretrain
     assert task.sample(peft, tok, prompts, 3, seed=5) != rows
     with pytest.raises(ValueError, match="temperature"):
         task.sample(model, tok, prompts, temperature=0)
+
+
+def test_pretrained_greedy_answers_are_rewarded_task_sentences(pretrained):
+    model, tok = pretrained
+    prompts = [r["prompt"] for r in _rows("task_heldout.jsonl")][::3]
+    answers = []
+    for prompt in prompts:
+        ids = tok(prompt, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**ids, do_sample=False, max_new_tokens=32)
+        answers.append(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+    parts = [task.judge(p, y) for p, y in zip(prompts, answers)]
+    assert all(y.strip().endswith(".") for y in answers), answers  # whole sentences
+    assert sum(p["on_topic"] for p in parts) / len(parts) > 0.9, answers
+    assert sum(p["reward"] for p in parts) / len(parts) > 0.2, answers
