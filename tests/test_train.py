@@ -149,6 +149,19 @@ def test_full_fine_tuning_uses_a_frozen_reference():
     assert "eval/loss" in history[-1] and history[-1]["eval/rewards/margins"] != 0
 
 
+def test_dropout_trains_full_fine_tuning_with_noise_and_keeps_the_reference_clean():
+    model, tok = tiny_model("gpt2")
+    history = train(model, tok, DATA, _config(learning_rate=1e-3, dropout=0.1))
+    # The reference is frozen in eval mode, so at step 0 only the policy's dropout moves the
+    # log-ratios away from 0: the first loss is no longer exactly ln 2.
+    assert history[0]["loss"] != pytest.approx(math.log(2), abs=1e-6)
+    assert {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}
+    with pytest.raises(ValueError, match="full fine-tuning"):
+        train(_lora()[0], tok, DATA, _config(dropout=0.1))
+    with pytest.raises(ValueError, match="dropout must be in"):
+        _config(dropout=1.0)
+
+
 def test_eval_every_and_history_json_round_trip(tmp_path):
     model, tok = _lora()
     history = train(model, tok, DATA, _config(max_steps=4, eval_every=2), eval_data=HELD_OUT)
