@@ -1,6 +1,6 @@
 # make task-data : rewrite dpo_minimal/data/task_*.jsonl from the task world (byte for byte)
 # make pretrain  : retrain the shipped tiny GPT-2 and tiny phi on task_sft.jsonl, one after the
-#                  other (about 6 and 8 min of CPU; PRETRAIN_ARCH=phi for one of them)
+#                  other (about 6 and 4 min of CPU; PRETRAIN_ARCH=phi for one of them)
 .PHONY: task-data pretrain
 
 PRETRAIN_ARCH ?= gpt2 phi
