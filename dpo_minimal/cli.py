@@ -26,7 +26,7 @@ from .checkpoint import check_output_dir, check_output_file
 from .config import _converter, _value_type, read_options_file
 from .distributed import init_process_group
 from .losses import LOSSES
-from .models import ARCHITECTURES
+from .models import ARCHITECTURES, PRETRAINED_DIR
 from .train import DTYPES, SCHEDULERS, History, NonFiniteLossError, TrainConfig
 
 TINY = tuple(ARCHITECTURES)  # the families tiny_model builds
@@ -45,8 +45,8 @@ class TrainOptions:
                                 metavar="NAME_OR_DIR")
     tiny: str | None = _option(None, "a tiny offline model of one architecture",
                                choices=list(TINY))
-    pretrained: bool = _option(False, "with --tiny gpt2: the shipped GPT-2 trained on the "
-                               "course's task world, not a random one")
+    pretrained: bool = _option(False, "with --tiny gpt2 or phi: the shipped model trained on "
+                               "the course's task world, not a random one")
     data: str | None = _option(None, "preference pairs: a .jsonl/.json file or a Hub data set "
                                "name", metavar="FILE_OR_HUB_NAME")
     split: str = _option("train", "the split of a Hub data set")
@@ -228,11 +228,13 @@ def _options(args, parser) -> tuple[dict, TrainConfig]:
     options = {f.name: getattr(args, f.name) for f in fields(TrainOptions)}
     options["max_steps_given"] = ("max_steps" in args.from_file
                                   or _given(parser, args.argv, "max_steps"))
-    if options["pretrained"] and options["tiny"] not in ("gpt2", None):
-        parser.error(f"--pretrained: no pretrained tiny {options['tiny']} ships; use --tiny gpt2 "
-                     "--pretrained, or drop --pretrained.")
+    shipped = sorted(d.name for d in PRETRAINED_DIR.iterdir() if d.is_dir())
+    if options["pretrained"] and options["tiny"] not in (*shipped, None):
+        parser.error(f"--pretrained: no pretrained tiny {options['tiny']} ships; use --tiny "
+                     f"{' or '.join(shipped)}, or drop --pretrained.")
     if options["pretrained"] and options["tiny"] is None:
-        parser.error("--pretrained goes with --tiny gpt2 (a --model is loaded as it is).")
+        parser.error(f"--pretrained goes with --tiny {' or '.join(shipped)} (a --model is "
+                     "loaded as it is).")
     epochs = options["num_train_epochs"]
     if epochs is not None and not (math.isfinite(epochs) and epochs > 0):
         parser.error(f"--num-train-epochs must be > 0, got {epochs}.")

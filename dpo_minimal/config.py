@@ -268,10 +268,14 @@ def _check_weights_loaded(model) -> None:
                          "from_pretrained(...) or load_model(...), not init_empty_weights().")
 
 
-def _check_adapter(model) -> None:
+def _check_adapter(model, dropout: float = 0.0) -> None:
     """A LoRA model trains its adapters, and its reference is the same model with them off."""
     if not _is_peft(model):
         return
+    if dropout:  # the adapter-off pass, the reference, would get the same dropout noise
+        raise ValueError(f"dropout={dropout} is for full fine-tuning: a LoRA model's reference "
+                         "is its own forward pass with the adapter off; use add_lora's dropout "
+                         "(LoRA dropout) instead.")
     for name, config in model.peft_config.items():
         alphas = [getattr(config, "lora_alpha", 1), *getattr(config, "alpha_pattern", {}).values()]
         if min(alphas) <= 0:

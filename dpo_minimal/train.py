@@ -184,7 +184,7 @@ class _Run:
         if not self.params:
             raise ValueError("the model has no trainable parameters: call add_lora(model) "
                              "first, or unfreeze the weights for full fine-tuning.")
-        _check_adapter(model)
+        _check_adapter(model, config.dropout)
         if config.dtype == "float16" and any(p.dtype == torch.float16 for p in self.params):
             raise ValueError("dtype='float16' trains with autocast and a GradScaler, which needs "
                              "float32 trainable weights: load the model in float32 for full "
@@ -215,11 +215,6 @@ class _Run:
             clear_checkpoints(foreign)
 
         torch.manual_seed(config.seed)
-        if config.dropout and _is_peft(model):
-            # The disabled adapter would be the reference, with the same dropout noise.
-            raise ValueError(f"dropout={config.dropout} is for full fine-tuning: a LoRA "
-                             "model's reference is its own forward pass; use add_lora's "
-                             "dropout (LoRA dropout) instead.")
         disable_dropout(model, config.dropout)
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable(

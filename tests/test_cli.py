@@ -225,9 +225,9 @@ def test_pretrained_tiny_model_from_the_command_line(tmp_path, capsys):
             "logps/chosen"]
     assert logps["pretrained"] > logps["random"] + 10  # it finds the task's answers likelier
     with pytest.raises(SystemExit):
-        main(["train", "--tiny", "phi", "--pretrained", "--data", task, "--output-dir",
-              str(tmp_path / "phi")])
-    assert "no pretrained tiny phi" in capsys.readouterr().err
+        main(["train", "--tiny", "llama", "--pretrained", "--data", task, "--output-dir",
+              str(tmp_path / "llama")])
+    assert "no pretrained tiny llama ships; use --tiny gpt2 or phi" in capsys.readouterr().err
 
 
 def test_logging_window_evaluation_schedule_and_summary(prefs, tmp_path, capsys):
