@@ -23,7 +23,7 @@ from pathlib import Path
 from transformers import HfArgumentParser
 
 from .checkpoint import check_output_dir, check_output_file
-from .config import _converter, _value_type, read_options_file
+from .config import _converter, _field, _value_type, read_options_file
 from .distributed import init_process_group
 from .losses import LOSSES
 from .models import ARCHITECTURES, PRETRAINED_DIR
@@ -32,45 +32,40 @@ from .train import DTYPES, SCHEDULERS, History, NonFiniteLossError, TrainConfig
 TINY = tuple(ARCHITECTURES)  # the families tiny_model builds
 
 
-def _option(default, help: str, **flag):
-    """A field of TrainOptions: its default, its help and any argparse extras (metavar)."""
-    return field(default=default, metadata={"help": help, **flag})
-
-
 @dataclass
 class TrainOptions:
     """The settings of `train` that are not TrainConfig fields: the model, the data, LoRA."""
 
-    model: str | None = _option(None, "a Hub model name or a local folder (from_pretrained)",
+    model: str | None = _field(None, "a Hub model name or a local folder (from_pretrained)",
                                 metavar="NAME_OR_DIR")
-    tiny: str | None = _option(None, "a tiny offline model of one architecture",
+    tiny: str | None = _field(None, "a tiny offline model of one architecture",
                                choices=list(TINY))
-    pretrained: bool = _option(False, "with --tiny gpt2 or phi: the shipped model trained on "
+    pretrained: bool = _field(False, "with --tiny gpt2 or phi: the shipped model trained on "
                                "the course's task world, not a random one")
-    data: str | None = _option(None, "preference pairs: a .jsonl/.json file or a Hub data set "
+    data: str | None = _field(None, "preference pairs: a .jsonl/.json file or a Hub data set "
                                "name", metavar="FILE_OR_HUB_NAME")
-    split: str = _option("train", "the split of a Hub data set")
-    eval_data: str | None = _option(None, "held-out pairs, evaluated every --eval-every steps "
+    split: str = _field("train", "the split of a Hub data set")
+    eval_data: str | None = _field(None, "held-out pairs, evaluated every --eval-every steps "
                                     "and at the end", metavar="FILE_OR_HUB_NAME")
-    eval_split: str = _option("test", "the split of a Hub --eval-data")
-    load_dtype: str = _option("auto", "dtype of the loaded weights: auto is float32 for --full "
+    eval_split: str = _field("test", "the split of a Hub --eval-data")
+    load_dtype: str = _field("auto", "dtype of the loaded weights: auto is float32 for --full "
                               "and --tiny, else --dtype", choices=["auto", *DTYPES])
-    num_train_epochs: float | None = _option(
+    num_train_epochs: float | None = _field(
         None, "passes over the data; sets max_steps from the data's size and the global batch "
         "(max_steps wins if given too)")
-    lora_r: int = _option(16, "LoRA rank")
-    lora_alpha: int = _option(32, "LoRA scale alpha (the update is scaled by alpha / r)")
-    lora_dropout: float = _option(0.05, "LoRA dropout (training sets every dropout to 0, as TRL "
+    lora_r: int = _field(16, "LoRA rank")
+    lora_alpha: int = _field(32, "LoRA scale alpha (the update is scaled by alpha / r)")
+    lora_dropout: float = _field(0.05, "LoRA dropout (training sets every dropout to 0, as TRL "
                                   "does)")
-    lora_targets: str | None = _option(None, "comma-separated module names to wrap, or "
+    lora_targets: str | None = _field(None, "comma-separated module names to wrap, or "
                                        "all-linear (unset: the family's, from "
                                        "dpo_minimal.models.ARCHITECTURES or PEFT)",
                                        metavar="NAMES")
-    full: bool = _option(False, "full fine-tuning: train every weight, no LoRA")
-    fsdp: bool = _option(False, "shard a --full model over the processes with FSDP (also "
+    full: bool = _field(False, "full fine-tuning: train every weight, no LoRA")
+    fsdp: bool = _field(False, "shard a --full model over the processes with FSDP (also "
                          "switched on by an accelerate config with distributed_type: FSDP)")
-    resume: bool = _option(False, "continue from the newest checkpoint in --output-dir")
-    resume_from: str | None = _option(None, "continue from this checkpoint-{step}/ folder",
+    resume: bool = _field(False, "continue from the newest checkpoint in --output-dir")
+    resume_from: str | None = _field(None, "continue from this checkpoint-{step}/ folder",
                                       metavar="DIR")
 
 
@@ -183,12 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         # As TRL's parser does: the launcher's precision, then a --config file's values become
         # the defaults, and the flags override them.
-        args.from_file = {} if args.config is None else _read_config_file(args.config,
-                                                                           args.parser)
+        from_file = {} if args.config is None else _read_config_file(args.config, args.parser)
         launcher = {"fp16": "float16", "bf16": "bfloat16"}.get(
             os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
-        args.parser.set_defaults(**({"dtype": launcher} if launcher else {}), **args.from_file)
-        from_file = args.from_file
+        args.parser.set_defaults(**({"dtype": launcher} if launcher else {}), **from_file)
         args, unknown = parser.parse_known_args(argv)
         args.from_file, args.argv = from_file, argv
     if unknown:  # reported with the subcommand's usage, which lists its flags

@@ -14,9 +14,10 @@ from .logprobs import DTYPES, _is_peft
 from .losses import check_loss_settings
 
 
-def _field(default, help: str):
-    """A TrainConfig field with its help text (the command line's too)."""
-    return field(default=default, metadata={"help": help})
+def _field(default, help: str, **flag):
+    """A dataclass field with its help text (the command line's too) and any argparse extras
+    (metavar, choices) for HfArgumentParser."""
+    return field(default=default, metadata={"help": help, **flag})
 
 
 SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
