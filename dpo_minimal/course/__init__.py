@@ -7,6 +7,7 @@ Nothing here is needed to use `dpo_minimal` as a library. Each notebook starts w
 from dataclasses import dataclass
 
 from .modes import get_mode, go_offline, quiet_known_warnings
+from .smollm2 import load_smollm2  # noqa: F401 - a real instruct model (notebook 08)
 
 
 @dataclass(frozen=True)
