@@ -107,3 +107,15 @@ def test_resume_refuses_other_settings_and_missing_checkpoints(tmp_path):
         train(model, tok, DATA, _config(tmp_path), resume_from=tmp_path / "checkpoint-9")
     with pytest.raises(ValueError, match="holds no checkpoint"):
         train(model, tok, DATA, _config(tmp_path / "empty"), resume_from=True)
+
+
+def test_the_weights_checksum_reaches_the_end_of_a_real_model_s_embedding():
+    # SmolLM2's embedding has 49152 x 576 > 2**24 values: float32 spacing rounds the last
+    # index past the end, which must not stop a run before it starts.
+    from dpo_minimal.checkpoint import _weights_digest
+
+    big = torch.zeros(2**24 + 3)
+    big[-1] = 1.0
+    other = big.clone()
+    other[-1] = 2.0
+    assert _weights_digest([("w", big)]) != _weights_digest([("w", other)])
