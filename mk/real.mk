@@ -11,10 +11,11 @@
 
 REAL_NOTEBOOK := notebooks/08_dpo_real_instruct_model.ipynb
 
+# A training cell took over 900 s (EXECUTE's limit per cell) on 2 cores shared with other jobs.
 real: $(STAMP)
 	rm -rf build/real && mkdir -p build/real/figures
 	DPO_COURSE_REHEARSAL=0 DPO_COURSE_FIGURES=$(CURDIR)/build/real/figures \
-	  $(EXECUTE) --output-dir build/real $(REAL_NOTEBOOK)
+	  $(EXECUTE) --ExecutePreprocessor.timeout=3600 --output-dir build/real $(REAL_NOTEBOOK)
 	$(PY) -c 'import json, sys; r = json.load(open("build/real/figures/nb08_results.json")); \
 	  rise, win = r["rise"]["on-policy pairs"], r["win_rate"]["on-policy pairs"]; \
 	  print(f"on-policy DPO: true reward {rise:+.3f}, win rate {win:.3f}"); \
