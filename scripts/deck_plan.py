@@ -41,6 +41,8 @@ REFERENCES = {
     "lora": "Hu et al. (2021). *LoRA: Low-Rank Adaptation of Large Language Models*. "
             "arXiv 2106.09685.",
     "trl": "Hugging Face TRL documentation: `SFTTrainer` and `DPOTrainer`.",
+    "displacement": "Razin et al. (2024). *Unintentional Unalignment: Likelihood Displacement "
+                    "in Direct Preference Optimization*. arXiv 2410.08847.",
 }
 
 EQ1 = (r"p^*(y_1 \succ y_2 \mid x) = \frac{\exp r^*(x, y_1)}"
@@ -227,6 +229,27 @@ LECTURES = {
             "the same loss curve.",
         ],
         "references": ["dpo", "trl", "lora"],
+        "code": [],
+        "home_goal": None,
+    },
+    "08": {
+        "motivation": [
+            "A real instruct model, SmolLM2-135M-Instruct, trains with LoRA DPO on a laptop "
+            "CPU.",
+            "Trained on pairs another model wrote, it gets worse while its loss falls: why, "
+            "and what data makes it better?",
+        ],
+        "recap": [("Eq 7, the DPO loss", EQ7), ("Eq 5, the implicit reward", EQ5)],
+        "summary": [
+            "Render the pairs with the model's own chat template.",
+            "Off-policy pairs: chosen and rejected log-probabilities both fall (likelihood "
+            "displacement), and held-out answers get worse.",
+            "On-policy pairs (the model's own answers, judged) make the same training raise "
+            "the true reward.",
+            "The implicit reward $\\beta \\log \\pi_\\theta/\\pi_{\\mathrm{ref}}$ ranks new "
+            "answers as the true reward does, most of the time.",
+        ],
+        "references": ["dpo", "displacement", "lora"],
         "code": [],
         "home_goal": None,
     },
