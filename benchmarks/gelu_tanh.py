@@ -38,7 +38,7 @@ from bench_ddp import environment_notes, write_report  # this folder's: run as a
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from dpo_minimal import TrainConfig, add_lora, collate_pairs
-from dpo_minimal.logprobs import batch_logps
+from dpo_minimal.logprobs import batch_logps, row_logps
 from dpo_minimal.models import ARCHITECTURES, course_tokenizer, fused_gelu
 from dpo_minimal.train import disable_dropout, preference_step
 
@@ -130,7 +130,7 @@ def _differences(models: dict, batch: dict) -> dict:
         model, patch = _context(variant, models)
         with patch, model.disable_adapter():
             logits = model(input_ids=batch["input_ids"], use_cache=False).logits
-            out[variant] = (logits, batch_logps(model, batch))
+            out[variant] = (logits, row_logps(model, batch))
     pairs = (("gelu_new", "gelu_pytorch_tanh"), ("gelu_new", "fused_gelu"),
              ("gelu_pytorch_tanh", "fused_gelu"))
     return {f"{a} vs {b}": tuple((x - y).abs().max().item() for x, y in zip(out[a], out[b]))

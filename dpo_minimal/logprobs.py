@@ -1,6 +1,7 @@
 """Per-sequence log-probabilities of the response tokens."""
 
 from contextlib import nullcontext
+from typing import NamedTuple
 
 import torch
 
@@ -106,17 +107,32 @@ def response_logits(model, input_ids, attention_mask, mask) -> torch.Tensor:
     return base.get_output_embeddings()(hidden[:, :-1][mask])
 
 
-def batch_logps(model, batch: dict, dtype: str = "float32", with_entropy: bool = False):
+class PairLogps(NamedTuple):
+    """Summed log-probs of a batch's chosen and rejected responses, each (B,): the pair every
+    loss takes (`dpo_loss(policy.chosen, policy.rejected, reference.chosen, ...)`)."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+
+    @classmethod
+    def from_rows(cls, rows: torch.Tensor) -> "PairLogps":
+        """Split (2B,) rows of a collated pair batch (chosen rows first) into the pair."""
+        b = rows.shape[0] // 2
+        return cls(rows[:b], rows[b:])
+
+
+def row_logps(model, batch: dict, dtype: str = "float32", with_entropy: bool = False):
     """Summed response log-probs of every row of a collated batch, in one forward pass.
 
     Args:
         model: a causal LM (peft-wrapped or not), on the device the batch is moved to.
-        batch: `collate_pairs` output: input_ids, attention_mask, loss_mask, each (2B, T).
+        batch: `collate_pairs` output (input_ids, attention_mask, loss_mask, each (2B, T): the
+            chosen rows, then the rejected ones) or `collate_unpaired` output (B rows).
         dtype: compute dtype under autocast, "float32" (none), "float16" or "bfloat16".
         with_entropy: also return the mean next-token entropy (nats) at response positions.
 
     Returns:
-        (2B,) float32 log pi(y | x): rows 0..B-1 chosen, B..2B-1 rejected; equal to
+        (rows,) float32 log pi(y | x), equal to
         `sequence_logps(model(...).logits, input_ids, loss_mask)`. With `with_entropy`, a pair
         (logps, entropy).
     """
@@ -132,3 +148,29 @@ def batch_logps(model, batch: dict, dtype: str = "float32", with_entropy: bool =
         return logps
     log_probs = picked.float().log_softmax(-1)
     return logps, -(log_probs.exp() * log_probs).sum(-1).mean()
+
+
+def is_paired(batch: dict) -> bool:
+    """A `collate_pairs` batch (chosen and rejected rows), not an unpaired one (KTO's)."""
+    return "label" not in batch
+
+
+def as_pair(rows: torch.Tensor, batch: dict):
+    """`rows` of `batch` as a `PairLogps` for a pair batch; unpaired rows stay (B,)."""
+    return PairLogps.from_rows(rows) if is_paired(batch) else rows
+
+
+def batch_logps(model, batch: dict, dtype: str = "float32", with_entropy: bool = False):
+    """Log-probs of a collated pair batch's chosen and rejected responses, in one forward pass.
+
+    The rows are computed together (`row_logps`) and split here, once.
+
+    Returns:
+        `PairLogps(chosen, rejected)`, each (B,) float32 summed log pi(y | x); for an unpaired
+        batch (`collate_unpaired`), its (B,) rows. With `with_entropy`, a pair
+        (logps, mean next-token entropy at response positions).
+    """
+    if with_entropy:
+        rows, entropy = row_logps(model, batch, dtype, with_entropy=True)
+        return as_pair(rows, batch), entropy
+    return as_pair(row_logps(model, batch, dtype), batch)

@@ -96,15 +96,6 @@ def dpo_loss(
                          "and rejected_lengths (response token counts).")
     if chosen_lengths is not None and rejected_lengths is not None:
         _check_lengths(chosen_lengths, rejected_lengths)
-    return _dpo_losses(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-                       reference_rejected_logps, beta, loss_type, label_smoothing,
-                       chosen_lengths, rejected_lengths, simpo_gamma)
-
-
-def _dpo_losses(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-                reference_rejected_logps, beta, loss_type, label_smoothing, chosen_lengths,
-                rejected_lengths, simpo_gamma):
-    """`dpo_loss` without its argument checks (the trainer checks its config once)."""
     eps = label_smoothing
     chosen_ratio = policy_chosen_logps - reference_chosen_logps  # log pi/pi_ref (y_w)
     rejected_ratio = policy_rejected_logps - reference_rejected_logps  # log pi/pi_ref (y_l)
@@ -248,29 +239,19 @@ def orpo_loss(
 
 @dataclass(frozen=True)
 class PreferenceLoss:
-    """One entry of the loss registry: how `train` turns a concatenated batch into losses.
+    """One entry of the loss registry: what `train` needs to know of a loss.
 
-    `fn(policy_logps, reference_logps, lengths, config)` takes (2B,) tensors (rows 0..B-1
-    chosen, B..2B-1 rejected; `reference_logps` is None when the loss needs no reference) and
-    the settings (a `TrainConfig`: beta, label_smoothing, simpo_gamma, desirable_weight,
-    undesirable_weight), and returns per-pair losses (B,) and the chosen and rejected rewards
-    (B,) that the metrics report.
+    `fn(policy, reference, lengths, config)` takes the chosen and rejected log-probs of the
+    policy and of the reference (`logprobs.PairLogps`, each (B,); `reference` is None when the
+    loss needs none) and the response lengths as a pair, with the settings (a `TrainConfig`:
+    beta, desirable_weight, undesirable_weight), and returns per-pair losses (B,) and the
+    chosen and rejected rewards (B,) that the metrics report. It is None for the DPO family
+    (`LOSS_TYPES`): the trainer calls `dpo_loss` itself.
     """
 
-    fn: Callable
+    fn: Callable | None
     needs_reference: bool
     paper: str
-
-
-def _dpo_family(loss_type: str) -> Callable:
-    def fn(policy, reference, lengths, config):
-        b = policy.shape[0] // 2
-        if reference is None:  # simpo: no reference; its formula does not read these
-            reference = torch.zeros_like(policy)
-        return _dpo_losses(policy[:b], policy[b:], reference[:b], reference[b:], config.beta,
-                           loss_type, config.label_smoothing, lengths[:b], lengths[b:],
-                           config.simpo_gamma)
-    return fn
 
 
 def _kto_pairs(policy, reference, lengths, config):
@@ -282,7 +263,8 @@ def _kto_pairs(policy, reference, lengths, config):
     Unpaired data (`data.collate_unpaired`) gets the paper's estimate. A pair's loss is the
     mean of its two examples' losses.
     """
-    b = policy.shape[0] // 2
+    b = policy.chosen.shape[0]
+    policy, reference = torch.cat(tuple(policy)), torch.cat(tuple(reference))
     desirable = torch.arange(2 * b, device=policy.device) < b
     losses, rewards, _ = kto_loss(policy, reference, desirable, policy, reference,
                                   beta=config.beta, lambda_d=config.desirable_weight,
@@ -295,10 +277,11 @@ def _orpo_pairs(policy, reference, lengths, config):
 
     The rewards reported are beta times the per-token average log-likelihoods, as in TRL.
     """
-    b, beta = policy.shape[0] // 2, config.beta
-    losses, _, _ = orpo_loss(policy[:b], policy[b:], lengths[:b], lengths[b:], lambda_or=beta)
-    average = (policy / lengths).detach()
-    return losses, beta * average[:b], beta * average[b:]
+    beta = config.beta
+    losses, _, _ = orpo_loss(policy.chosen, policy.rejected, lengths.chosen, lengths.rejected,
+                             lambda_or=beta)
+    return (losses, beta * (policy.chosen / lengths.chosen).detach(),
+            beta * (policy.rejected / lengths.rejected).detach())
 
 
 def _sft_pairs(policy, reference, lengths, config):
@@ -308,9 +291,8 @@ def _sft_pairs(policy, reference, lengths, config):
     The rewards reported are the per-token average log-likelihoods, so rewards/accuracies says
     how often the chosen response is the likelier one.
     """
-    b = policy.shape[0] // 2
-    average = policy / lengths
-    return -average[:b], average[:b].detach(), average[b:].detach()
+    chosen = policy.chosen / lengths.chosen
+    return -chosen, chosen.detach(), (policy.rejected / lengths.rejected).detach()
 
 
 # Each loss's paper. The first six are dpo_loss's forms (LOSS_TYPES); KTO and ORPO have their
@@ -322,7 +304,7 @@ PAPERS = {"sigmoid": "DPO, arXiv 2305.18290 (Eq 7)", "robust": "robust DPO, arXi
           "kto": "KTO, arXiv 2402.01306", "orpo": "ORPO, arXiv 2403.07691",
           "sft": "Preferred-FT, the baseline of DPO, arXiv 2305.18290 (Sec. 6)"}
 LOSSES = {
-    **{name: PreferenceLoss(_dpo_family(name), name not in _NO_REFERENCE, PAPERS[name])
+    **{name: PreferenceLoss(None, name not in _NO_REFERENCE, PAPERS[name])
        for name in LOSS_TYPES},
     "kto": PreferenceLoss(_kto_pairs, True, PAPERS["kto"]),
     "orpo": PreferenceLoss(_orpo_pairs, False, PAPERS["orpo"]),

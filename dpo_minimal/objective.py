@@ -5,8 +5,8 @@ import torch
 
 from .batching import collate_pairs, collate_unpaired
 from .config import TrainConfig
-from .logprobs import _is_peft, batch_logps
-from .losses import LOSSES, kto_loss
+from .logprobs import PairLogps, _is_peft, as_pair, batch_logps, row_logps
+from .losses import LOSS_TYPES, LOSSES, dpo_loss, kto_loss
 
 
 def disable_dropout(model, p: float = 0.0) -> None:
@@ -52,32 +52,37 @@ class Reference:
         return reference
 
     @torch.no_grad()
-    def logps(self, policy, batch: dict, dtype: str = "float32") -> torch.Tensor:
-        """(2B,) log pi_ref of the batch's rows (B, unpaired), on the policy's device."""
+    def logps(self, policy, batch: dict, dtype: str = "float32"):
+        """log pi_ref of the batch, on the policy's device: a `PairLogps` of a pair batch, (B,)
+        of an unpaired one."""
         if self.cache is not None:
             cached = self.cache[batch["index"]]
             if not cached.isnan().any():
-                device = next(policy.parameters()).device
-                return cached.T.reshape(-1).to(device)  # column by column: chosen, rejected
-        if self.model is not None:
-            logps = batch_logps(self.model, batch, dtype)
-        elif _is_peft(policy):
-            with policy.disable_adapter():
-                logps = batch_logps(policy, batch, dtype)
-        else:
-            raise ValueError("no reference: pass a peft model (its adapter is disabled for the "
-                             "reference), a reference model, or a frozen cache.")
+                cached = cached.to(next(policy.parameters()).device)
+                return PairLogps(*cached.unbind(1)) if cached.shape[1] == 2 else cached[:, 0]
+        logps = as_pair(self.rows(policy, batch, dtype), batch)
         if self.cache is not None:
             self._store(batch, logps)
         return logps
 
-    def _store(self, batch: dict, logps: torch.Tensor) -> None:
-        self.cache[batch["index"]] = _per_example(logps, len(batch["index"])).float().cpu()
+    @torch.no_grad()
+    def rows(self, policy, batch: dict, dtype: str = "float32") -> torch.Tensor:
+        """log pi_ref of every row of `batch` (`row_logps`), never cached."""
+        if self.model is not None:
+            return row_logps(self.model, batch, dtype)
+        if _is_peft(policy):
+            with policy.disable_adapter():
+                return row_logps(policy, batch, dtype)
+        raise ValueError("no reference: pass a peft model (its adapter is disabled for the "
+                         "reference), a reference model, or a frozen cache.")
+
+    def _store(self, batch: dict, logps) -> None:
+        self.cache[batch["index"]] = _per_example(logps).float().cpu()
 
 
-def _per_example(logps: torch.Tensor, b: int) -> torch.Tensor:
-    """(2B,) chosen-then-rejected log-probs -> (B, 2), one row a pair ((B,) -> (B, 1))."""
-    return logps.reshape(-1, b).T
+def _per_example(logps) -> torch.Tensor:
+    """A `PairLogps` -> (B, 2), one row a pair; unpaired (B,) -> (B, 1)."""
+    return torch.stack(tuple(logps), 1) if isinstance(logps, PairLogps) else logps[:, None]
 
 
 def _rows_per_example(pairs: list[dict]) -> int:
@@ -89,15 +94,17 @@ def _needs_reference(config: TrainConfig) -> bool:
     return LOSSES[config.loss_type].needs_reference
 
 
-def preference_step(policy_logps: torch.Tensor, reference_logps: torch.Tensor | None,
+def preference_step(policy_logps: PairLogps, reference_logps: PairLogps | None,
                     batch: dict, config: TrainConfig) -> tuple[torch.Tensor, dict]:
     """One step of the objective: per-pair losses (B,) and the batch's metric sums.
 
-    `policy_logps` and `reference_logps` are (2B,) over the batch's chosen then rejected rows
-    (`reference_logps` may be None for a loss that needs none, SimPO and ORPO). The loss is
-    `LOSSES[config.loss_type]`; for DPO (Eq 7 of the paper)
-    -log sigma(beta [log pi(y_w)/pi_ref(y_w) - log pi(y_l)/pi_ref(y_l)]).
-    The sums (divide by the number of pairs for means) use TRL's metric names.
+    `policy_logps` and `reference_logps` hold the batch's chosen and rejected log-probs, each
+    (B,) (`reference_logps` may be None for a loss that needs none, SimPO, ORPO and "sft").
+    The DPO family (`losses.LOSS_TYPES`) is `dpo_loss` itself; for DPO (Eq 7 of the paper)
+    -log sigma(beta [log pi(y_w)/pi_ref(y_w) - log pi(y_l)/pi_ref(y_l)]). KTO, ORPO and
+    Preferred-FT come from `LOSSES[config.loss_type]`. The sums (divide by the number of pairs
+    for means) use TRL's metric names. Non-finite log-probs (a diverged run) give NaN losses,
+    which the trainer reports, where `dpo_loss` would refuse its inputs.
 
     An unpaired batch (`collate_unpaired`, with `label`) trains KTO: the log-probs are (B,),
     one per example, `batch["kl_logps"]` the (policy, reference) log-probs of its mismatched
@@ -105,18 +112,30 @@ def preference_step(policy_logps: torch.Tensor, reference_logps: torch.Tensor | 
     """
     if "label" in batch:
         return _kto_step(policy_logps, reference_logps, batch, config)
-    b = policy_logps.shape[0] // 2
-    lengths = batch["loss_mask"].sum(-1).to(policy_logps.device).float()
-    losses, chosen_r, rejected_r = LOSSES[config.loss_type].fn(
-        policy_logps, reference_logps, lengths, config)
+    policy, reference = policy_logps, reference_logps
+    lengths = PairLogps.from_rows(batch["loss_mask"].sum(-1).to(policy.chosen.device).float())
+    if not all(torch.isfinite(t).all() for t in (*policy, *(reference or ()))):
+        nan = policy.chosen * float("nan")
+        losses, chosen_r, rejected_r = nan, nan.detach(), nan.detach()
+    elif config.loss_type in LOSS_TYPES:
+        if reference is None:  # simpo: no reference; its formula does not read one
+            reference = PairLogps(torch.zeros_like(policy.chosen), torch.zeros_like(policy.chosen))
+        losses, chosen_r, rejected_r = dpo_loss(
+            policy.chosen, policy.rejected, reference.chosen, reference.rejected,
+            beta=config.beta, loss_type=config.loss_type, label_smoothing=config.label_smoothing,
+            chosen_lengths=lengths.chosen, rejected_lengths=lengths.rejected,
+            simpo_gamma=config.simpo_gamma)
+    else:
+        losses, chosen_r, rejected_r = LOSSES[config.loss_type].fn(
+            policy, reference, lengths, config)
     sums = {
         "loss": losses.detach().sum().item(),
         "rewards/chosen": chosen_r.sum().item(),
         "rewards/rejected": rejected_r.sum().item(),
         "rewards/accuracies": (chosen_r > rejected_r).float().sum().item(),  # strict wins
         "rewards/margins": (chosen_r - rejected_r).sum().item(),
-        "logps/chosen": policy_logps[:b].detach().sum().item(),
-        "logps/rejected": policy_logps[b:].detach().sum().item(),
+        "logps/chosen": policy.chosen.detach().sum().item(),
+        "logps/rejected": policy.rejected.detach().sum().item(),
     }
     return losses, sums
 
@@ -160,15 +179,15 @@ def _collate(chunk: list[dict], tokenizer, max_length: int | None = None) -> dic
 
 
 @torch.no_grad()
-def _kl_logps(model, batch: dict, dtype: str, reference_model=None):
-    """(policy, reference) log-probs of an unpaired batch's mismatched rows, batch["kl"].
+def kl_logps(model, batch: dict, dtype: str = "float32", reference_model=None):
+    """(policy, reference) log-probs (B,) of an unpaired batch's mismatched rows, batch["kl"].
 
     Without gradient, as in TRL: z0 is detached, so these rows need no backward pass. Their
     reference is computed each time (never cached): which completion a prompt borrows depends
     on the batch it was drawn in.
     """
-    return (batch_logps(model, batch["kl"], dtype),
-            Reference(reference_model).logps(model, batch["kl"], dtype))
+    return (row_logps(model, batch["kl"], dtype),
+            Reference(reference_model).rows(model, batch["kl"], dtype))
 
 
 def _in_order(pairs: list, batch_size: int):
@@ -209,7 +228,7 @@ def _evaluate_pairs(model, tokenizer, pairs, config, reference: Reference) -> di
         policy, entropy = batch_logps(model, batch, config.dtype, with_entropy=True)
         ref = reference.logps(model, batch, config.dtype) if _needs_reference(config) else None
         if "kl" in batch:
-            batch["kl_logps"] = _kl_logps(model, batch, config.dtype, reference.model)
+            batch["kl_logps"] = kl_logps(model, batch, config.dtype, reference.model)
         _add(totals, preference_step(policy, ref, batch, config)[1])
         _add(totals, {"entropy": entropy.item() * len(chunk)})
     model.train(was_training)

@@ -42,12 +42,12 @@ from .objective import (  # noqa: F401 - the public step, importable from here a
     _check_unpaired,
     _collate,
     _evaluate_pairs,
-    _kl_logps,
     _mean,
     _needs_reference,
     _per_example,
     _rows_per_example,
     disable_dropout,
+    kl_logps,
     preference_step,
 )
 
@@ -279,20 +279,20 @@ class _Run:
         return sums, int(batch["attention_mask"].sum())
 
     def _kl_logps(self, batch: dict):
-        """`_kl_logps` of the mismatched rows of every process: KTO's z0 is one mean over the
+        """`kl_logps` of the mismatched rows of every process: KTO's z0 is one mean over the
         global micro-batch (TRL gathers it likewise), each process's rows rotated within its
         own share. Per micro-batch, as in TRL: under gradient accumulation each micro-batch
         has its own z0, since its loss and backward come before the next one is drawn."""
-        kl = _kl_logps(self.model, batch, self.config.dtype)
+        kl = kl_logps(self.model, batch, self.config.dtype)
         return kl if self.world.size == 1 else tuple(self.world.gather(t) for t in kl)
 
-    def _share_reference(self, batch: dict, logps: torch.Tensor) -> None:
+    def _share_reference(self, batch: dict, logps) -> None:
         """Put every process's reference log-probs of this micro-batch in every process's cache.
 
         Rows are global pair indices, so the caches stay equal (rank 0 saves its own) and a
         pair drawn later by another process is not computed again.
         """
-        rows = _per_example(logps, len(batch["index"])).float()
+        rows = _per_example(logps).float()
         self.reference.cache[self.world.gather(batch["index"])] = self.world.gather(rows).cpu()
 
     def step(self, step: int) -> dict:

@@ -22,13 +22,14 @@ from test_hostile import _all, _refused_before_training
 
 from dpo_minimal import add_lora, evaluate, load_preferences, shipped_data_path, tiny_model
 from dpo_minimal.data import collate_unpaired, tokenize_preferences
+from dpo_minimal.logprobs import PairLogps
 from dpo_minimal.models import course_tokenizer, fused_gelu
 from dpo_minimal.train import (
     Reference,
     TrainConfig,
-    _kl_logps,
     _mean,
     batch_logps,
+    kl_logps,
     preference_step,
     train,
 )
@@ -97,7 +98,8 @@ def test_paired_kto_uses_the_weights_and_its_own_completions_for_z0():
                          undesirable_weight=lambda_u)
     # Pairs: chosen = POLICY[0], POLICY[2]; rejected = POLICY[1], POLICY[3].
     order = [0, 2, 1, 3]
-    policy, reference = (torch.tensor([x[i] for i in order]) for x in (POLICY, REFERENCE))
+    policy, reference = (PairLogps.from_rows(torch.tensor([x[i] for i in order]))
+                         for x in (POLICY, REFERENCE))
     batch = {"loss_mask": torch.ones(4, 3)}
     losses, _ = preference_step(policy, reference, batch, config)
     rewards = [POLICY[i] - REFERENCE[i] for i in order]
@@ -205,8 +207,8 @@ def test_kto_loss_and_metrics_match_trl(trl_setup, fused):
     with fused_gelu(model) if fused else nullcontext():
         policy = batch_logps(model, batch)
         reference = Reference().logps(model, batch)
-        kl_logps = _kl_logps(model, batch, "float32")
-    losses, sums = preference_step(policy, reference, {**batch, "kl_logps": kl_logps}, config)
+        kl = kl_logps(model, batch, "float32")
+    losses, sums = preference_step(policy, reference, {**batch, "kl_logps": kl}, config)
     ours = _mean(sums, 6)
     tol = 1e-5 if fused else 1e-6  # fused_gelu: float rounding, as in test_trl_parity.py
     assert abs(losses.mean().item() - trl_loss) < tol

@@ -7,7 +7,7 @@ import torch
 
 from dpo_minimal import add_lora, collate_pairs, load_preferences, shipped_data_path, tiny_model
 from dpo_minimal.data import tokenize_preferences
-from dpo_minimal.logprobs import batch_logps, sequence_logps
+from dpo_minimal.logprobs import PairLogps, batch_logps, sequence_logps
 from dpo_minimal.losses import LOSSES, dpo_loss
 from dpo_minimal.train import Reference, TrainConfig, preference_step, train
 
@@ -33,19 +33,21 @@ def test_batch_logps_equals_sequence_logps_on_full_logits():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         expected = sequence_logps(logits, batch["input_ids"], batch["loss_mask"])
         got, entropy = batch_logps(model, batch, with_entropy=True)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
-    assert got.shape == (8,) and entropy > 0
+    assert isinstance(got, PairLogps) and got.chosen.shape == got.rejected.shape == (4,)
+    torch.testing.assert_close(torch.cat(got), expected, rtol=0, atol=1e-4)  # chosen rows first
+    assert entropy > 0
 
 
 def test_preference_step_is_dpo_loss_on_the_halves():
     model, tok = _lora()
     batch = _batch(tok)
-    policy = batch_logps(model, batch) + torch.linspace(-1, 1, 8)  # pretend the policy moved
+    moved = torch.cat(batch_logps(model, batch)) + torch.linspace(-1, 1, 8)  # as if trained
+    policy = PairLogps.from_rows(moved)
     reference = Reference().logps(model, batch)
     config = TrainConfig(beta=0.3)
     losses, sums = preference_step(policy, reference, batch, config)
-    expected, chosen, rejected = dpo_loss(policy[:4], policy[4:], reference[:4], reference[4:],
-                                          beta=0.3)
+    expected, chosen, rejected = dpo_loss(policy.chosen, policy.rejected, reference.chosen,
+                                          reference.rejected, beta=0.3)
     torch.testing.assert_close(losses, expected)
     assert sums["rewards/accuracies"] == float((chosen > rejected).sum())
     assert math.isclose(sums["rewards/margins"], float((chosen - rejected).sum()), rel_tol=1e-6)
@@ -62,7 +64,7 @@ def test_reference_cache_is_filled_once_and_then_answers():
             p.add_(0.01)
     torch.testing.assert_close(reference.logps(model, batch), first)
     separate = Reference(model=tiny_model("gpt2", seed=1)[0])
-    assert not torch.allclose(separate.logps(model, batch), first)
+    assert not torch.allclose(torch.cat(separate.logps(model, batch)), torch.cat(first))
 
 
 def test_reference_needs_an_adapter_a_model_or_a_cache():

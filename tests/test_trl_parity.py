@@ -90,7 +90,8 @@ def _ours(model, pairs, batch, loss_type, label_smoothing=0.0, fused=False):
         reference = Reference().logps(model, batch)
     losses, sums = preference_step(policy, reference, batch, config)
     n = len(pairs)
-    return losses.mean().item(), {key: sums[key] / n for key in METRICS}, policy, reference
+    rows = torch.cat(tuple(policy)), torch.cat(tuple(reference))  # TRL's row order
+    return losses.mean().item(), {key: sums[key] / n for key in METRICS}, *rows
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["gelu_new", "fused_gelu"])
