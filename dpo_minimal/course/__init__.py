@@ -6,6 +6,7 @@ Nothing here is needed to use `dpo_minimal` as a library. Each notebook starts w
 
 from dataclasses import dataclass
 
+from . import rehearsal
 from .modes import get_mode, go_offline, quiet_known_warnings
 from .smollm2 import load_smollm2  # noqa: F401 - a real instruct model (notebook 08)
 
@@ -29,7 +30,9 @@ def setup(threads: int | None = None, verbose: bool = True) -> Course:
     reach the Hub, hides transformers' progress bars (loading a tiny model is instant), and runs
     torch on one thread: the tiny models gain nothing from more, and on
     shared cores (CI, a busy laptop) threads that wait for each other cost far more than they
-    give. `threads` overrides the thread count in either mode. Prints the mode and device.
+    give. `threads` overrides the thread count in either mode, except in a rehearsal
+    (`rehearsal.active()`: capped steps, run beside other jobs), which keeps one thread.
+    Prints the mode and device.
     In either mode it silences the libraries' known warnings about their own internals
     (`modes.KNOWN_WARNINGS`, each by message and category), so outputs show only what matters.
     """
@@ -44,7 +47,7 @@ def setup(threads: int | None = None, verbose: bool = True) -> Course:
 
         transformers_logging.disable_progress_bar()
     if threads is not None or mode == "smoke":
-        torch.set_num_threads(threads or 1)
+        torch.set_num_threads(1 if rehearsal.active() else threads or 1)
     device = "cuda" if mode == "full" and torch.cuda.is_available() else "cpu"
     if verbose:
         print(f"mode: {mode} (device: {device})")
