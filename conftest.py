@@ -50,21 +50,64 @@ def pytest_collectstart(collector):
     collector.collect = collect_with_solutions
 
 
+@pytest.fixture(scope="session")
+def tiny_lora():
+    """tiny_lora(arch="gpt2", seed=0, pretrained=False, r=4, alpha=8) -> (model, tokenizer).
+
+    A tiny model of a real architecture (`dpo_minimal.tiny_model`) under a fresh LoRA adapter,
+    in eval mode, with the course tokenizer: a new one each call, the same weights for the same
+    arguments (LoRA's A is drawn after the seeded initialisation; a pretrained model's here).
+    """
+    import torch
+
+    from dpo_minimal import add_lora, tiny_model
+
+    def make(arch: str = "gpt2", seed: int = 0, pretrained: bool = False, r: int = 4,
+             alpha: int = 8):
+        model, tokenizer = tiny_model(arch, seed=seed, pretrained=pretrained)
+        if pretrained:
+            torch.manual_seed(seed)
+        return add_lora(model, r=r, alpha=alpha).eval(), tokenizer
+
+    return make
+
+
 @pytest.fixture
-def interrupt_update(monkeypatch):
-    """interrupt_update(n): the n-th optimiser update of the test raises KeyboardInterrupt
-    before it changes anything, as Ctrl-C pressed then would (`monkeypatch.undo()` ends it)."""
+def at_call(monkeypatch):
+    """at_call(method, n, action, after=False): a fault injected into the next training runs.
+
+    The n-th call of a run's `method` ("micro_step", "update", "evaluate" or "save"; counted
+    over every run of the test) calls `action(run)` before the method does anything, or with
+    `after=True` once it has returned: Ctrl-C pressed, a signal sent or weights poisoned at
+    that point. `monkeypatch.undo()` ends it. A training run has no public hook at such points:
+    fault injection reaches into the trainer's `_Run` here (and in test_ddp.py's launched
+    script, which no fixture reaches), and nowhere else in the tests.
+    """
     from dpo_minimal.train import _Run
 
-    def arm(call: int) -> None:
-        update, calls = _Run.update, []
+    def arm(method: str, n: int, action, after: bool = False) -> None:
+        real, calls = getattr(_Run, method), []
 
-        def interrupted(self):
+        def wrapped(self, *args, **kwargs):
             calls.append(1)
-            if len(calls) == call:
-                raise KeyboardInterrupt
-            return update(self)
+            if len(calls) == n and not after:
+                action(self)
+            out = real(self, *args, **kwargs)
+            if len(calls) == n and after:
+                action(self)
+            return out
 
-        monkeypatch.setattr(_Run, "update", interrupted)
+        monkeypatch.setattr(_Run, method, wrapped)
 
     return arm
+
+
+def _ctrl_c(run) -> None:
+    raise KeyboardInterrupt
+
+
+@pytest.fixture
+def interrupt_update(at_call):
+    """interrupt_update(n): the n-th optimiser update of the test raises KeyboardInterrupt
+    before it changes anything, as Ctrl-C pressed then would (`monkeypatch.undo()` ends it)."""
+    return lambda n: at_call("update", n, _ctrl_c)

@@ -193,7 +193,7 @@ def data_digest(pairs: list[dict] | None) -> dict | None:
     return {"examples": len(pairs), "sha256": _digest(rows)}
 
 
-def _weights_digest(named: list[tuple[str, torch.Tensor]]) -> str:
+def weights_digest(named: list[tuple[str, torch.Tensor]]) -> str:
     """A checksum of weights: each tensor's shape and up to 256 evenly spaced values (exact
     bytes), cheap on any device and size, and different for any other trained model."""
     h = hashlib.sha256()
@@ -231,7 +231,7 @@ def fingerprints(model, pairs: list[dict], eval_pairs: list[dict] | None,
         "data": data_digest(pairs),
         "eval_data": data_digest(eval_pairs),
         "base_model": {"name": getattr(base.config, "_name_or_path", "") or "",
-                       "config": _digest(config), "weights": _weights_digest(frozen)},
+                       "config": _digest(config), "weights": weights_digest(frozen)},
         "lora": _lora_settings(model),
         "load_dtype": ",".join(sorted({str(p.dtype).removeprefix("torch.") for _, p in frozen})),
         "processes": processes,

@@ -102,9 +102,9 @@ def preference_step(policy_logps: PairLogps, reference_logps: PairLogps | None,
     (B,) (`reference_logps` may be None for a loss that needs none, SimPO, ORPO and "sft").
     The DPO family (`losses.LOSS_TYPES`) is `dpo_loss` itself; for DPO (Eq 7 of the paper)
     -log sigma(beta [log pi(y_w)/pi_ref(y_w) - log pi(y_l)/pi_ref(y_l)]). KTO, ORPO and
-    Preferred-FT come from `LOSSES[config.loss_type]`. The sums (divide by the number of pairs
-    for means) use TRL's metric names. Non-finite log-probs (a diverged run) give NaN losses,
-    which the trainer reports, where `dpo_loss` would refuse its inputs.
+    Preferred-FT come from `LOSSES[config.loss_type]`. The sums use TRL's metric names, and
+    `metric_means(sums, n)` turns them into means. Non-finite log-probs (a diverged run) give
+    NaN losses, which the trainer reports, where `dpo_loss` would refuse its inputs.
 
     An unpaired batch (`collate_unpaired`, with `label`) trains KTO: the log-probs are (B,),
     one per example, `batch["kl_logps"]` the (policy, reference) log-probs of its mismatched
@@ -143,7 +143,7 @@ def preference_step(policy_logps: PairLogps, reference_logps: PairLogps | None,
 def _kto_step(policy_logps, reference_logps, batch, config):
     """`preference_step` on unpaired examples. As TRL does, rewards/chosen and logps/chosen
     sum over the desirable examples and .../rejected over the undesirable ones (counted under
-    count/*, so that `_mean` divides by those counts); kl sums z0, once per example."""
+    count/*, so that `metric_means` divides by those counts); kl sums z0, once per example."""
     if config.loss_type != "kto":
         raise ValueError(_UNPAIRED_LOSS.format(config.loss_type))
     desirable = batch["label"].to(policy_logps.device)
@@ -201,9 +201,12 @@ _COUNTED = {"rewards/chosen": "count/desirable", "logps/chosen": "count/desirabl
             "rewards/rejected": "count/undesirable", "logps/rejected": "count/undesirable"}
 
 
-def _mean(totals: dict, n: int) -> dict:
-    """Sums over n examples -> means; with count/* (unpaired KTO), `_COUNTED` metrics are means
-    over their examples and rewards/margins is their difference."""
+def metric_means(totals: dict, n: int) -> dict:
+    """`preference_step`'s metric sums over n examples -> their means, as History rows hold them.
+
+    With count/* (unpaired KTO), each `_COUNTED` metric is a mean over its own examples (the
+    desirable ones, or the undesirable ones) and rewards/margins is their difference.
+    """
     if "count/desirable" not in totals:
         return {key: value / n for key, value in totals.items()}
     means = {key: value / totals.get(_COUNTED.get(key), n) for key, value in totals.items()
@@ -232,7 +235,7 @@ def _evaluate_pairs(model, tokenizer, pairs, config, reference: Reference) -> di
         _add(totals, preference_step(policy, ref, batch, config)[1])
         _add(totals, {"entropy": entropy.item() * len(chunk)})
     model.train(was_training)
-    return _mean(totals, len(pairs))
+    return metric_means(totals, len(pairs))
 
 
 def _check_unpaired(config: TrainConfig, model, pairs: list, eval_pairs: list | None) -> None:

@@ -42,12 +42,12 @@ from .objective import (  # noqa: F401 - the public step, importable from here a
     _check_unpaired,
     _collate,
     _evaluate_pairs,
-    _mean,
     _needs_reference,
     _per_example,
     _rows_per_example,
     disable_dropout,
     kl_logps,
+    metric_means,
     preference_step,
 )
 
@@ -312,7 +312,7 @@ class _Run:
             seconds = time.perf_counter() - start
             *values, tokens = self.world.sum([*totals.values(), tokens])
             pairs = config.batch_size * config.gradient_accumulation_steps * self.world.size
-            row = {"step": step + 1, **_mean(dict(zip(totals, values)), pairs),
+            row = {"step": step + 1, **metric_means(dict(zip(totals, values)), pairs),
                    "grad_norm": grad_norm, "learning_rate": lr, "step_seconds": seconds,
                    "tokens_per_second": tokens / seconds,
                    "peak_memory_gib": self.world.max(_peak_memory_gib(self.device))}

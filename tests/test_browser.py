@@ -45,7 +45,7 @@ from urllib.parse import unquote, urlparse
 
 import nbformat
 import pytest
-from test_site import STEPS, synthetic_notebook
+from helpers import STEPS, synthetic_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dpo_minimal import add_lora, load_preferences, tiny_model
+from dpo_minimal import load_preferences
 from dpo_minimal.course import frontier, task
 from dpo_minimal.data import DATA_DIR
 from dpo_minimal.train import TrainConfig, train
@@ -52,32 +52,25 @@ def data():
     return load_preferences(DATA_DIR / "task_prefs_train.jsonl").select(range(16))
 
 
-def _lora(perturb: float = 0.0):
-    model, tok = tiny_model("gpt2", pretrained=True)
-    torch.manual_seed(0)  # LoRA's A is random
-    model = add_lora(model, r=4)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad and perturb:
-                p.add_(perturb * torch.randn_like(p))
-    return model, tok
-
-
-def test_log_ratios_zero_for_a_fresh_adapter_and_positive_on_average():
+def test_log_ratios_zero_for_a_fresh_adapter_and_positive_on_average(tiny_lora):
     prompts = [task.render(f.question) for f in task.facts()[::90]]
-    model, tok = _lora()
+    model, tok = tiny_lora(pretrained=True, alpha=32)
     rows = task.sample(model, tok, prompts, n_samples=3, max_new_tokens=12, seed=0)
     assert torch.equal(frontier.log_ratios(model, tok, rows), torch.zeros(len(prompts), 3))
-    model, tok = _lora(perturb=0.3)
+    torch.manual_seed(0)
+    with torch.no_grad():  # the adapter moved away from the reference
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn_like(p))
     rows = task.sample(model, tok, prompts, n_samples=4, max_new_tokens=12, seed=0)
     ratios = frontier.log_ratios(model, tok, rows)
     assert ratios.shape == (len(prompts), 4) and ratios.mean() > 1.0  # a KL estimate, nats
 
 
-def test_preferred_ft_is_the_sft_loss_it_lowers_nll_and_ignores_the_rejected(data):
+def test_preferred_ft_is_the_sft_loss_it_lowers_nll_and_ignores_the_rejected(data, tiny_lora):
     config = TrainConfig(loss_type="sft", learning_rate=3e-3, batch_size=4, max_steps=12,
                          max_length=72, max_prompt_length=32, progress=False)
-    model, tok = _lora()
+    model, tok = tiny_lora(pretrained=True, alpha=32)
     history = train(model, tok, data, config)
     losses = [row["loss"] for row in history]
     # The loss is the chosen responses' NLL per token, and the log-probs logged agree with it.
@@ -85,7 +78,7 @@ def test_preferred_ft_is_the_sft_loss_it_lowers_nll_and_ignores_the_rejected(dat
     assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3])
     assert history[-1]["logps/chosen"] > history[0]["logps/chosen"]
     swapped = data.map(lambda row: {"rejected": " Nothing at all."})
-    again, _ = _lora()
+    again, _ = tiny_lora(pretrained=True, alpha=32)
     # Only the padding width changes, which moves a loss by float rounding at most.
     assert [row["loss"] for row in train(again, tok, swapped, config)] == pytest.approx(
         losses, rel=1e-5)

@@ -7,7 +7,6 @@ users meet the trainer (their chat template, folders, cluster signals, files), e
 that nothing on disk was written, overwritten or deleted.
 """
 
-import dataclasses
 import inspect
 import json
 import math
@@ -15,10 +14,12 @@ import re
 import shutil
 import warnings
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import all_of, refused_before_training, without_timing
 from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, LlamaConfig
 
 import dpo_minimal.data
@@ -46,66 +47,41 @@ YES = {"role": "assistant", "content": "Yes, it is green."}
 NO = {"role": "assistant", "content": "No, it is usually blue."}
 
 
-def _all(*patterns: str) -> str:
-    """A regex that matches a message containing every pattern, in any order.
-
-    A pattern may start with "(?i)": that one alone is matched ignoring case.
-    """
-    scoped = [f"(?i:{p[4:]})" if p.startswith("(?i)") else f"(?:{p})" for p in patterns]
-    return "(?s)^" + "".join(f"(?=.*{p})" for p in scoped)
-
-
-def _config(**kwargs) -> TrainConfig:
-    """A run that would train in well under a second, if it were ever allowed to start."""
-    return TrainConfig(**{**dict(batch_size=2, max_steps=1, max_length=64, max_prompt_length=32,
-                                 progress=False), **kwargs})
-
-
-def _lora():
-    model, tok = tiny_model("gpt2")
-    return add_lora(model, r=4), tok
-
-
-@contextmanager
-def _refused_before_training(model, exc, pattern: str):
-    """pytest.raises, plus: no weight of `model` changed before the error was raised."""
-    before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    with pytest.raises(exc, match=pattern):
-        yield
-    changed = [name for name, p in model.named_parameters() if not torch.equal(p, before[name])]
-    assert not changed, f"trained before refusing: {changed[:3]}"
+# A run that would train in well under a second, if it were ever allowed to start.
+CONFIG = TrainConfig(batch_size=2, max_steps=1, max_length=64, max_prompt_length=32,
+                     progress=False)
 
 
 # --- config: TrainConfig checks every field, its type and its combinations ----------------------
 
 CONFIG_CASES = [
-    (dict(max_grad_norm=0), _all("max_grad_norm", "None", "(?i)no clipping")),
-    (dict(max_grad_norm=-1), _all("max_grad_norm", "None", "(?i)no clipping")),
-    (dict(warmup_steps=-5), _all("warmup_steps", "-5")),
-    (dict(eval_batch_size=0), _all("eval_batch_size", ">= ?1|positive")),
-    (dict(batch_size=True), _all("batch_size", "int", "True")),
-    (dict(learning_rate="1e-4"), _all("learning_rate", "float", "1e-4")),
-    (dict(max_steps=2.5), _all("max_steps", "int", "2.5")),
-    (dict(gradient_checkpointing="false"), _all("gradient_checkpointing", "bool")),
-    (dict(max_length=256, max_prompt_length=256), _all("max_prompt_length", "max_length")),
-    (dict(max_length=128, max_prompt_length=300), _all("max_prompt_length", "max_length")),
-    (dict(beta=float("nan")), _all("beta", "nan")),
-    (dict(beta=float("inf")), _all("beta", "(?i)inf|finite")),
-    (dict(beta=0.0), _all("beta", "> ?0")),
-    (dict(label_smoothing=0.5), _all("label_smoothing", r"0\.5")),
-    (dict(label_smoothing=-0.1), _all("label_smoothing")),
-    (dict(loss_type="ipo", label_smoothing=0.1), _all("label_smoothing", "ipo")),
-    (dict(loss_type="Sigmoid"), _all("'Sigmoid'", "sigmoid")),
-    (dict(loss_type="DPO"), _all("'DPO'", "sigmoid")),
-    (dict(learning_rate=float("nan")), _all("learning_rate", "nan")),
-    (dict(gradient_accumulation_steps=0), _all("gradient_accumulation_steps")),
-    (dict(weight_decay=-0.1), _all("weight_decay")),
-    (dict(dtype="fp16"), _all("dtype", "'fp16'", "float16")),
-    (dict(lr_scheduler="cosine_with_restarts"), _all("lr_scheduler", "cosine_with_restarts")),
-    (dict(save_steps=10), _all("save_steps", "output_dir")),
-    (dict(output_dir="runs/x", save_total_limit=0), _all("save_total_limit")),
-    (dict(eval_every=-1), _all("eval_every")),
-    (dict(device="gpu"), _all("device", "'gpu'")),
+    (dict(max_grad_norm=0), all_of("max_grad_norm", "None", "(?i)no clipping")),
+    (dict(max_grad_norm=-1), all_of("max_grad_norm", "None", "(?i)no clipping")),
+    (dict(warmup_steps=-5), all_of("warmup_steps", "-5")),
+    (dict(eval_batch_size=0), all_of("eval_batch_size", ">= ?1|positive")),
+    (dict(batch_size=True), all_of("batch_size", "int", "True")),
+    (dict(learning_rate="1e-4"), all_of("learning_rate", "float", "1e-4")),
+    (dict(max_steps=2.5), all_of("max_steps", "int", "2.5")),
+    (dict(gradient_checkpointing="false"), all_of("gradient_checkpointing", "bool")),
+    (dict(max_length=256, max_prompt_length=256), all_of("max_prompt_length", "max_length")),
+    (dict(max_length=128, max_prompt_length=300), all_of("max_prompt_length", "max_length")),
+    (dict(beta=float("nan")), all_of("beta", "nan")),
+    (dict(beta=float("inf")), all_of("beta", "(?i)inf|finite")),
+    (dict(beta=0.0), all_of("beta", "> ?0")),
+    (dict(label_smoothing=0.5), all_of("label_smoothing", r"0\.5")),
+    (dict(label_smoothing=-0.1), all_of("label_smoothing")),
+    (dict(loss_type="ipo", label_smoothing=0.1), all_of("label_smoothing", "ipo")),
+    (dict(loss_type="Sigmoid"), all_of("'Sigmoid'", "sigmoid")),
+    (dict(loss_type="DPO"), all_of("'DPO'", "sigmoid")),
+    (dict(learning_rate=float("nan")), all_of("learning_rate", "nan")),
+    (dict(gradient_accumulation_steps=0), all_of("gradient_accumulation_steps")),
+    (dict(weight_decay=-0.1), all_of("weight_decay")),
+    (dict(dtype="fp16"), all_of("dtype", "'fp16'", "float16")),
+    (dict(lr_scheduler="cosine_with_restarts"), all_of("lr_scheduler", "cosine_with_restarts")),
+    (dict(save_steps=10), all_of("save_steps", "output_dir")),
+    (dict(output_dir="runs/x", save_total_limit=0), all_of("save_total_limit")),
+    (dict(eval_every=-1), all_of("eval_every")),
+    (dict(device="gpu"), all_of("device", "'gpu'")),
 ]
 
 
@@ -124,7 +100,7 @@ def test_config_unknown_keyword_is_named():
 
 def test_overlong_prompt_error_names_a_fix_that_exists():
     long_row = {**ROW, "prompt": "word " * 50}
-    with pytest.raises(ValueError, match=_all("row 1", "max_length", r"drop_overlong=True")):
+    with pytest.raises(ValueError, match=all_of("row 1", "max_length", r"drop_overlong=True")):
         tokenize_preferences([ROW, long_row], course_tokenizer(), max_length=20)
     assert TrainConfig(drop_overlong=True).drop_overlong is True  # the fix it names exists
     assert "drop_overlong" in inspect.signature(tokenize_preferences).parameters
@@ -135,42 +111,42 @@ def test_overlong_prompt_error_names_a_fix_that_exists():
 DATA_CASES = [
     ("reply_role_user",
      {"prompt": [USER], "chosen": [{"role": "user", "content": "Yes."}], "rejected": [NO]},
-     _all("row 0", "chosen", "assistant")),
+     all_of("row 0", "chosen", "assistant")),
     ("content_none",
      {"prompt": [USER], "chosen": [YES], "rejected": [{"role": "assistant", "content": None}]},
-     _all("row 0", "rejected", "content", "(?i)str")),
+     all_of("row 0", "rejected", "content", "(?i)str")),
     ("content_int",
      {"prompt": [{"role": "user", "content": 42}], "chosen": [YES], "rejected": [NO]},
-     _all("row 0", "prompt", "content", "(?i)str")),
+     all_of("row 0", "prompt", "content", "(?i)str")),
     ("content_empty",
      {"prompt": [{"role": "user", "content": "  "}], "chosen": [YES], "rejected": [NO]},
-     _all("row 0", "prompt", "(?i)empty")),
+     all_of("row 0", "prompt", "(?i)empty")),
     ("unknown_role",
      {"prompt": [{"role": "bot", "content": "hi"}, USER], "chosen": [YES], "rejected": [NO]},
-     _all("row 0", "'bot'", "role", "user")),
+     all_of("row 0", "'bot'", "role", "user")),
     ("system_not_first",
      {"prompt": [USER, SYSTEM], "chosen": [YES], "rejected": [NO]},
-     _all("row 0", "system", "(?i)first")),
+     all_of("row 0", "system", "(?i)first")),
     ("prompt_ends_with_assistant",
      {"prompt": [USER, NO], "chosen": [YES], "rejected": [NO]},
-     _all("row 0", "prompt", "(?i)order|alternat|last|end")),
+     all_of("row 0", "prompt", "(?i)order|alternat|last|end")),
     ("different_system_in_chosen_and_rejected",
      {"chosen": [SYSTEM, USER, YES], "rejected": [{**SYSTEM, "content": "Lie."}, USER, NO]},
-     _all("row 0", "(?i)system|prompt", "(?i)differ|same|share|match")),
+     all_of("row 0", "(?i)system|prompt", "(?i)differ|same|share|match")),
     ("different_user_turn_in_chosen_and_rejected",
      {"chosen": [SYSTEM, USER, YES], "rejected": [SYSTEM, {**USER, "content": "Is it red?"}, NO]},
-     _all("row 0", "(?i)prompt|user", "(?i)differ|same|share|match")),
+     all_of("row 0", "(?i)prompt|user", "(?i)differ|same|share|match")),
     ("prompt_messages_chosen_string",
      {"prompt": [USER], "chosen": "Yes, it is green.", "rejected": "No, it is blue."},
-     _all("row 0", "(?i)format|message|list|conversational")),
+     all_of("row 0", "(?i)format|message|list|conversational")),
     ("chosen_equals_rejected_up_to_spaces",
      {"prompt": "q", "chosen": "The same answer.", "rejected": "  The same answer. "},
-     _all("row 0", "chosen == rejected|identical|same")),
+     all_of("row 0", "chosen == rejected|identical|same")),
     ("non_string_response",
-     {"prompt": "q", "chosen": 5, "rejected": "b"}, _all("row 0", "chosen", "(?i)str")),
-    ("missing_column", {"prompt": "q", "chosen": "a"}, _all("row 0", "rejected", "(?i)missing")),
+     {"prompt": "q", "chosen": 5, "rejected": "b"}, all_of("row 0", "chosen", "(?i)str")),
+    ("missing_column", {"prompt": "q", "chosen": "a"}, all_of("row 0", "rejected", "(?i)missing")),
     ("empty_response", {"prompt": "q", "chosen": "a", "rejected": ""},
-     _all("row 0", "rejected", "(?i)empty")),
+     all_of("row 0", "rejected", "(?i)empty")),
 ]
 
 
@@ -182,8 +158,8 @@ def test_bad_row_is_refused(row, words):
 
 @pytest.mark.parametrize("rows, words", [
     ([], "(?i)empty"),
-    (["a string, not a row"], _all("row 0", "dict")),
-    ([ROW, ["prompt", "chosen", "rejected"]], _all("row 1", "dict")),
+    (["a string, not a row"], all_of("row 0", "dict")),
+    ([ROW, ["prompt", "chosen", "rejected"]], all_of("row 1", "dict")),
 ], ids=["empty", "string_row", "list_row"])
 def test_bad_data_set_is_refused(rows, words):
     with pytest.raises(ValueError, match=words):
@@ -191,7 +167,7 @@ def test_bad_data_set_is_refused(rows, words):
 
 
 def test_unknown_prompt_template_field_is_named():
-    with pytest.raises(ValueError, match=_all("prompt_template", "question", r"\{prompt\}")):
+    with pytest.raises(ValueError, match=all_of("prompt_template", "question", r"\{prompt\}")):
         load_preferences([ROW], prompt_template="Q: {question}\nA:")
 
 
@@ -202,35 +178,35 @@ def _write_lines(path, lines):
 
 def test_broken_jsonl_line_names_file_and_line(tmp_path):
     path = _write_lines(tmp_path / "prefs.jsonl", [json.dumps(ROW), '{"prompt": "q", "chosen": '])
-    with pytest.raises(ValueError, match=_all(r"prefs\.jsonl", r"line 2\b")):
+    with pytest.raises(ValueError, match=all_of(r"prefs\.jsonl", r"line 2\b")):
         load_preferences(path)
 
 
 def test_bad_row_in_file_names_file_and_line(tmp_path):
     same = {**ROW, "rejected": ROW["chosen"]}
     path = _write_lines(tmp_path / "prefs.jsonl", [json.dumps(ROW), "", json.dumps(same)])
-    with pytest.raises(ValueError, match=_all(r"prefs\.jsonl", r"line 3\b",
-                                              "chosen == rejected|identical|same")):
+    with pytest.raises(ValueError, match=all_of(r"prefs\.jsonl", r"line 3\b",
+                                                "chosen == rejected|identical|same")):
         load_preferences(path)
 
 
 def test_non_object_line_names_file_and_line(tmp_path):
     path = _write_lines(tmp_path / "prefs.jsonl", [json.dumps(ROW), "[1, 2, 3]"])
-    with pytest.raises(ValueError, match=_all(r"prefs\.jsonl", r"line 2\b", "(?i)dict|object")):
+    with pytest.raises(ValueError, match=all_of(r"prefs\.jsonl", r"line 2\b", "(?i)dict|object")):
         load_preferences(path)
 
 
 def test_broken_json_file_is_named(tmp_path):
     path = tmp_path / "prefs.json"
     path.write_text('[{"prompt": "q", "chosen": "a" "rejected": "b"}]', encoding="utf-8")
-    with pytest.raises(ValueError, match=_all(r"prefs\.json", "(?i)json")):
+    with pytest.raises(ValueError, match=all_of(r"prefs\.json", "(?i)json")):
         load_preferences(path)
 
 
 def test_json_file_that_is_not_a_list(tmp_path):
     path = tmp_path / "prefs.json"
     path.write_text(json.dumps(ROW), encoding="utf-8")
-    with pytest.raises(ValueError, match=_all(r"prefs\.json", "list")):
+    with pytest.raises(ValueError, match=all_of(r"prefs\.json", "list")):
         load_preferences(path)
 
 
@@ -254,116 +230,116 @@ def test_missing_local_path_is_never_sent_to_the_hub(source, tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     name = re.escape(source.split("/")[-1])
     with pytest.raises((FileNotFoundError, ValueError),
-                       match=_all(name, "(?i)does not exist|no such file|not found")):
+                       match=all_of(name, "(?i)does not exist|no such file|not found")):
         load_preferences(source)
 
 
 # --- tokenizer ---------------------------------------------------------------------------------
 
-def test_tokenizer_without_pad_token():
-    model, _ = _lora()
+def test_tokenizer_without_pad_token(tiny_lora):
+    model, _ = tiny_lora()
     tok = course_tokenizer()
     tok.pad_token = None
-    with _refused_before_training(model, ValueError, _all("pad", "pad_token = ")):
-        train(model, tok, ROWS, _config())
+    with refused_before_training(model, ValueError, all_of("pad", "pad_token = ")):
+        train(model, tok, ROWS, CONFIG)
 
 
-def test_tokenizer_without_eos_token():
-    model, _ = _lora()
+def test_tokenizer_without_eos_token(tiny_lora):
+    model, _ = tiny_lora()
     tok = course_tokenizer()
     tok.eos_token = None
-    with _refused_before_training(model, ValueError, "EOS|eos"):
-        train(model, tok, ROWS, _config())
+    with refused_before_training(model, ValueError, "EOS|eos"):
+        train(model, tok, ROWS, CONFIG)
 
 
 # --- training: train() and evaluate() check everything before any work --------------------------
 
-def test_train_on_raw_rows_with_chosen_equal_rejected():
-    model, tok = _lora()
+def test_train_on_raw_rows_with_chosen_equal_rejected(tiny_lora):
+    model, tok = tiny_lora()
     rows = [dict(row) for row in ROWS]
     rows[3]["rejected"] = rows[3]["chosen"]
-    with _refused_before_training(model, ValueError,
-                                  _all("row 3", "chosen == rejected|identical|same")):
-        train(model, tok, rows, _config())
+    with refused_before_training(model, ValueError,
+                                 all_of("row 3", "chosen == rejected|identical|same")):
+        train(model, tok, rows, CONFIG)
 
 
 @pytest.mark.parametrize("rows, words", [
     ([], "(?i)empty"),
-    (["not a row"] * 4, _all("row 0", "dict")),
-    ([{"prompt": "q", "chosen": "a"}] * 4, _all("row 0", "rejected")),
+    (["not a row"] * 4, all_of("row 0", "dict")),
+    ([{"prompt": "q", "chosen": "a"}] * 4, all_of("row 0", "rejected")),
 ], ids=["empty", "strings", "missing_column"])
-def test_train_on_bad_raw_rows(rows, words):
-    model, tok = _lora()
-    with _refused_before_training(model, ValueError, words):
-        train(model, tok, rows, _config())
+def test_train_on_bad_raw_rows(rows, words, tiny_lora):
+    model, tok = tiny_lora()
+    with refused_before_training(model, ValueError, words):
+        train(model, tok, rows, CONFIG)
 
 
-def test_bad_eval_data_is_refused_before_training():
-    model, tok = _lora()
+def test_bad_eval_data_isrefused_before_training(tiny_lora):
+    model, tok = tiny_lora()
     bad = [{"prompt": "q", "chosen": "same", "rejected": "same"}]
-    with _refused_before_training(model, ValueError, "chosen == rejected|identical|same"):
-        train(model, tok, ROWS, _config(), eval_data=bad)
+    with refused_before_training(model, ValueError, "chosen == rejected|identical|same"):
+        train(model, tok, ROWS, CONFIG, eval_data=bad)
 
 
-def test_max_length_beyond_the_model_context():
-    model, tok = _lora()
+def test_max_length_beyond_the_model_context(tiny_lora):
+    model, tok = tiny_lora()
     context = model.config.n_positions  # 512 for tiny_model("gpt2")
-    with _refused_before_training(model, ValueError,
-                                  _all("max_length", str(2 * context), str(context))):
-        train(model, tok, ROWS, _config(max_length=2 * context))
+    with refused_before_training(model, ValueError,
+                                 all_of("max_length", str(2 * context), str(context))):
+        train(model, tok, ROWS, replace(CONFIG, max_length=2 * context))
 
 
-def test_evaluate_checks_max_length_too():
-    model, tok = _lora()
+def test_evaluate_checks_max_length_too(tiny_lora):
+    model, tok = tiny_lora()
     context = model.config.n_positions
-    with pytest.raises(ValueError, match=_all("max_length", str(context))):
-        evaluate(model, tok, ROWS, _config(max_length=2 * context))
+    with pytest.raises(ValueError, match=all_of("max_length", str(context))):
+        evaluate(model, tok, ROWS, replace(CONFIG, max_length=2 * context))
 
 
 def test_model_without_trainable_parameters():
     model, tok = tiny_model("gpt2")
     model.requires_grad_(False)
-    with pytest.raises(ValueError, match=_all("(?i)no trainable parameters", "add_lora")):
-        train(model, tok, ROWS, _config())
+    with pytest.raises(ValueError, match=all_of("(?i)no trainable parameters", "add_lora")):
+        train(model, tok, ROWS, CONFIG)
 
 
-def test_batch_size_larger_than_the_data():
-    model, tok = _lora()
-    with _refused_before_training(model, ValueError, _all("batch_size", "pairs")):
-        train(model, tok, ROWS, _config(batch_size=64))
+def test_batch_size_larger_than_the_data(tiny_lora):
+    model, tok = tiny_lora()
+    with refused_before_training(model, ValueError, all_of("batch_size", "pairs")):
+        train(model, tok, ROWS, replace(CONFIG, batch_size=64))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-def test_cuda_device_on_a_cpu_machine():
-    model, tok = _lora()
-    with _refused_before_training(model, ValueError, _all("cuda", "(?i)cpu|available")):
-        train(model, tok, ROWS, _config(device="cuda"))
+def test_cuda_device_on_a_cpu_machine(tiny_lora):
+    model, tok = tiny_lora()
+    with refused_before_training(model, ValueError, all_of("cuda", "(?i)cpu|available")):
+        train(model, tok, ROWS, replace(CONFIG, device="cuda"))
 
 
-def test_float16_on_cpu():
-    model, tok = _lora()
-    with _refused_before_training(model, ValueError, _all("float16", "(?i)cuda|gpu")):
-        train(model, tok, ROWS, _config(dtype="float16", device="cpu"))
+def test_float16_on_cpu(tiny_lora):
+    model, tok = tiny_lora()
+    with refused_before_training(model, ValueError, all_of("float16", "(?i)cuda|gpu")):
+        train(model, tok, ROWS, replace(CONFIG, dtype="float16", device="cpu"))
 
 
-def test_resume_from_a_missing_checkpoint(tmp_path):
-    model, tok = _lora()
+def test_resume_from_a_missing_checkpoint(tmp_path, tiny_lora):
+    model, tok = tiny_lora()
     missing = tmp_path / "checkpoint-7"
-    with _refused_before_training(model, (FileNotFoundError, ValueError), "checkpoint-7"):
-        train(model, tok, ROWS, _config(), resume_from=missing)
+    with refused_before_training(model, (FileNotFoundError, ValueError), "checkpoint-7"):
+        train(model, tok, ROWS, CONFIG, resume_from=missing)
 
 
-def test_resume_true_without_output_dir():
-    model, tok = _lora()
-    with _refused_before_training(model, ValueError, "output_dir"):
-        train(model, tok, ROWS, _config(), resume_from=True)
+def test_resume_true_without_output_dir(tiny_lora):
+    model, tok = tiny_lora()
+    with refused_before_training(model, ValueError, "output_dir"):
+        train(model, tok, ROWS, CONFIG, resume_from=True)
 
 
-def test_resume_true_with_no_checkpoint_in_output_dir(tmp_path):
-    model, tok = _lora()
-    config = _config(output_dir=str(tmp_path), save_steps=1)
-    with _refused_before_training(model, (FileNotFoundError, ValueError),
-                                  _all("(?i)checkpoint", re.escape(tmp_path.name))):
+def test_resume_true_with_no_checkpoint_in_output_dir(tmp_path, tiny_lora):
+    model, tok = tiny_lora()
+    config = replace(CONFIG, output_dir=str(tmp_path), save_steps=1)
+    with refused_before_training(model, (FileNotFoundError, ValueError),
+                                 all_of("(?i)checkpoint", re.escape(tmp_path.name))):
         train(model, tok, ROWS, config, resume_from=True)
 
 
@@ -376,13 +352,13 @@ LOGPS = dict(policy_chosen_logps=torch.tensor([-5.0, -6.0]),
 
 LOSS_CASES = [
     ("nan_logps", dict(policy_chosen_logps=torch.tensor([float("nan"), -6.0])),
-     ValueError, _all("policy_chosen_logps", "(?i)nan|finite")),
+     ValueError, all_of("policy_chosen_logps", "(?i)nan|finite")),
     ("inf_logps", dict(reference_rejected_logps=torch.tensor([-6.5, float("inf")])),
-     ValueError, _all("reference_rejected_logps", "(?i)inf|finite")),
-    ("beta_nan", dict(beta=float("nan")), ValueError, _all("beta", "nan")),
-    ("beta_inf", dict(beta=float("inf")), ValueError, _all("beta", "(?i)inf|finite")),
+     ValueError, all_of("reference_rejected_logps", "(?i)inf|finite")),
+    ("beta_nan", dict(beta=float("nan")), ValueError, all_of("beta", "nan")),
+    ("beta_inf", dict(beta=float("inf")), ValueError, all_of("beta", "(?i)inf|finite")),
     ("label_smoothing_half", dict(label_smoothing=0.5), ValueError, "label_smoothing"),
-    ("loss_type_case", dict(loss_type="IPO"), ValueError, _all("'IPO'", "ipo")),
+    ("loss_type_case", dict(loss_type="IPO"), ValueError, all_of("'IPO'", "ipo")),
     ("integer_tensors", {k: v.long() for k, v in LOGPS.items()}, ValueError, "(?i)float"),
     ("python_lists", {k: v.tolist() for k, v in LOGPS.items()}, (TypeError, ValueError),
      "(?i)tensor"),
@@ -402,15 +378,15 @@ def test_orpo_loss_refuses_positive_log_probs():
     # a log-probability is <= 0; a positive one (logits or probabilities passed by mistake)
     # makes ORPO's log(1 - p) NaN
     lengths = torch.tensor([4.0, 4.0])
-    with pytest.raises(ValueError, match=_all("(?i)log-?prob", "<= ?0|positive|negative")):
+    with pytest.raises(ValueError, match=all_of("(?i)log-?prob", "<= ?0|positive|negative")):
         orpo_loss(torch.tensor([0.5, -2.0]), torch.tensor([-3.0, -4.0]), lengths, lengths)
 
 
 # --- adapters: load_adapter refuses one that does not fit, and says why -------------------------
 
 @pytest.fixture(scope="module")
-def gpt2_adapter(tmp_path_factory):
-    model, _ = _lora()  # 4 layers, width 128
+def gpt2_adapter(tmp_path_factory, tiny_lora):
+    model, _ = tiny_lora()  # 4 layers, width 128
     return save_adapter(model, tmp_path_factory.mktemp("adapters") / "gpt2-4-layers")
 
 
@@ -421,19 +397,19 @@ def _gpt2(**overrides):
 
 
 def test_adapter_with_more_layers_than_the_model(gpt2_adapter):
-    with pytest.raises(ValueError, match=_all("(?i)layer", r"\b4\b", r"\b2\b")):
+    with pytest.raises(ValueError, match=all_of("(?i)layer", r"\b4\b", r"\b2\b")):
         load_adapter(_gpt2(n_layer=2), gpt2_adapter)
 
 
 def test_adapter_with_other_shapes(gpt2_adapter):
-    with pytest.raises(ValueError, match=_all("(?i)shape|size|width", "128", "64")):
+    with pytest.raises(ValueError, match=all_of("(?i)shape|size|width", "128", "64")):
         load_adapter(_gpt2(n_embd=64), gpt2_adapter)
 
 
 def test_phi_adapter_into_gpt2(tmp_path):
     phi, _ = tiny_model("phi")
     path = save_adapter(add_lora(phi, r=4), tmp_path / "phi")
-    with pytest.raises(ValueError, match=_all("phi", "gpt2")):
+    with pytest.raises(ValueError, match=all_of("phi", "gpt2")):
         load_adapter(tiny_model("gpt2")[0], path)
 
 
@@ -465,13 +441,13 @@ def test_plan_memory_on_unknown_family_recommends_only_real_parameters():
 
 MEMORY_CASES = [
     (dict(batch_pairs=0), "batch_pairs"),
-    (dict(seq_len=64.5), _all("seq_len", "int")),
-    (dict(batch_pairs=True), _all("batch_pairs", "int")),
-    (dict(dtype="fp16"), _all("dtype", "'fp16'", "float16")),
-    (dict(dtype=torch.int8), _all("dtype", "int8")),
+    (dict(seq_len=64.5), all_of("seq_len", "int")),
+    (dict(batch_pairs=True), all_of("batch_pairs", "int")),
+    (dict(dtype="fp16"), all_of("dtype", "'fp16'", "float16")),
+    (dict(dtype=torch.int8), all_of("dtype", "int8")),
     (dict(lora_r=-1), "lora_r"),
     (dict(response_fraction=1.5), "response_fraction"),
-    (dict(attn_implementation="flash"), _all("attn_implementation", "sdpa")),
+    (dict(attn_implementation="flash"), all_of("attn_implementation", "sdpa")),
     (dict(cuda_context_gib=-1.0), "cuda_context_gib"),
 ]
 
@@ -500,7 +476,7 @@ def _tree(root) -> dict:
     if not root.exists():
         return {}
     return {str(p.relative_to(root)): None if p.is_dir() else (p.stat().st_size,
-                                                              p.stat().st_mtime_ns)
+                                                               p.stat().st_mtime_ns)
             for p in root.rglob("*")}
 
 
@@ -513,8 +489,9 @@ def _unchanged(*roots):
 
 
 def _small(tmp_path, **kwargs) -> TrainConfig:
-    return _config(**{"output_dir": str(tmp_path / "run"), "save_steps": 1, "max_steps": 2,
-                      "learning_rate": 1e-2, **kwargs})
+    """CONFIG, training 2 steps for real into tmp_path/run, with a checkpoint after each."""
+    return replace(CONFIG, **{"output_dir": str(tmp_path / "run"), "save_steps": 1,
+                              "max_steps": 2, "learning_rate": 1e-2, **kwargs})
 
 
 def _cli(argv, capsys) -> str:
@@ -541,23 +518,23 @@ CLI_SMALL = ["--tiny", "gpt2", "--max-length", "64", "--max-prompt-length", "32"
 
 # --- 1. the model's chat template ---------------------------------------------------------------
 
-def _no_template():
-    model, tok = _lora()
+def _no_template(tiny_lora):
+    model, tok = tiny_lora()
     tok.chat_template = None
     return model, tok
 
 
-def test_conversations_with_a_tokenizer_without_template_train(tmp_path):
-    model, tok = _no_template()
-    with _unchanged(tmp_path), _refused_before_training(
-            model, ValueError, _all("chat template", "tokenizer.chat_template", "course")):
+def test_conversations_with_a_tokenizer_without_template_train(tmp_path, tiny_lora):
+    model, tok = _no_template(tiny_lora)
+    with _unchanged(tmp_path), refused_before_training(
+            model, ValueError, all_of("chat template", "tokenizer.chat_template", "course")):
         train(model, tok, CONVERSATIONS, _small(tmp_path))
 
 
-def test_conversations_with_a_tokenizer_without_template_evaluate():
-    model, tok = _no_template()
-    with _refused_before_training(model, ValueError, _all("chat template", "chat_template =")):
-        evaluate(model, tok, CONVERSATIONS, _config())
+def test_conversations_with_a_tokenizer_without_template_evaluate(tiny_lora):
+    model, tok = _no_template(tiny_lora)
+    with refused_before_training(model, ValueError, all_of("chat template", "chat_template =")):
+        evaluate(model, tok, CONVERSATIONS, CONFIG)
 
 
 def test_conversations_with_a_model_folder_without_template_cli(tmp_path, capsys):
@@ -570,10 +547,10 @@ def test_conversations_with_a_model_folder_without_template_cli(tmp_path, capsys
         err = _cli(["train", "--model", str(tmp_path / "base"), "--data",
                     str(tmp_path / "chat.jsonl"), "--output-dir", str(tmp_path / "out"),
                     *CLI_SMALL[2:]], capsys)
-    assert re.search(_all("chat template", "chat_template"), err)
+    assert re.search(all_of("chat template", "chat_template"), err)
 
 
-def test_the_chat_template_of_the_model_is_the_one_trained():
+def test_the_chat_template_of_the_model_is_the_one_trained(tiny_lora):
     """A ChatML tokenizer: the token ids trained are apply_chat_template's, and the first
     step's log-probs differ from the course template's (they were equal before)."""
     chatml = course_tokenizer()
@@ -589,110 +566,112 @@ def test_the_chat_template_of_the_model_is_the_one_trained():
         assert pair["prompt_ids"] == ids(row["prompt"], add_generation_prompt=True)
         full = ids(row["prompt"] + row["chosen"]) + [chatml.eos_token_id]
         assert pair["prompt_ids"] + pair["chosen_ids"] == full
-    config = _config(max_steps=1, max_length=512, max_prompt_length=256)
-    course = train(*_lora(), raw, config)[0]["logps/chosen"]
-    model, _ = _lora()
+    config = replace(CONFIG, max_steps=1, max_length=512, max_prompt_length=256)
+    course = train(*tiny_lora(), raw, config)[0]["logps/chosen"]
+    model, _ = tiny_lora()
     assert train(model, chatml, raw, config)[0]["logps/chosen"] != course
 
 
-def test_evaluate_moves_the_model_to_config_device(monkeypatch):
-    model, tok = _lora()
+def test_evaluate_moves_the_model_to_config_device(monkeypatch, tiny_lora):
+    model, tok = tiny_lora()
     moved = []
     monkeypatch.setattr(type(model), "to", lambda self, *a, **k: moved.append(a) or self)
-    evaluate(model, tok, ROWS[:2], _config(device="cpu"))
+    evaluate(model, tok, ROWS[:2], replace(CONFIG, device="cpu"))
     assert moved and str(moved[0][0]) == "cpu"
 
 
 # --- 2. output folders, checked before any work ------------------------------------------------
 
-def test_output_dir_that_is_a_file(tmp_path):
+def test_output_dir_that_is_a_file(tmp_path, tiny_lora):
     (tmp_path / "run").write_text("my notes")
-    model, tok = _lora()
-    with _unchanged(tmp_path), _refused_before_training(model, ValueError,
-                                                        _all("is a file", "folder")):
+    model, tok = tiny_lora()
+    with _unchanged(tmp_path), refused_before_training(model, ValueError,
+                                                       all_of("is a file", "folder")):
         train(model, tok, ROWS, _small(tmp_path))
 
 
-def test_output_dir_under_a_file(tmp_path):
+def test_output_dir_under_a_file(tmp_path, tiny_lora):
     (tmp_path / "notes").write_text("x")
-    model, tok = _lora()
-    config = _config(output_dir=str(tmp_path / "notes" / "run"), save_steps=1)
-    with _unchanged(tmp_path), _refused_before_training(model, ValueError,
-                                                        _all("notes", "is a file")):
+    model, tok = tiny_lora()
+    config = replace(CONFIG, output_dir=str(tmp_path / "notes" / "run"), save_steps=1)
+    with _unchanged(tmp_path), refused_before_training(model, ValueError,
+                                                       all_of("notes", "is a file")):
         train(model, tok, ROWS, config)
 
 
-def test_output_dir_that_cannot_be_written():
-    model, tok = _lora()
-    with _refused_before_training(model, ValueError, _all("cannot be written", "(?i)permission",
-                                                          "folder you can write")):
-        train(model, tok, ROWS, _config(output_dir="/sys/dpo-minimal-run", save_steps=1))
+def test_output_dir_that_cannot_be_written(tiny_lora):
+    model, tok = tiny_lora()
+    with refused_before_training(model, ValueError, all_of("cannot be written", "(?i)permission",
+                                                           "folder you can write")):
+        train(model, tok, ROWS, replace(CONFIG, output_dir="/sys/dpo-minimal-run", save_steps=1))
 
 
 @pytest.mark.parametrize("name", ["", "   "])
 def test_output_dir_with_an_empty_name(name):
-    with pytest.raises(ValueError, match=_all("output_dir", "empty", "runs/dpo")):
+    with pytest.raises(ValueError, match=all_of("output_dir", "empty", "runs/dpo")):
         TrainConfig(output_dir=name)
 
 
-def test_output_dir_expands_the_home_folder(tmp_path, monkeypatch):
+def test_output_dir_expands_the_home_folder(tmp_path, monkeypatch, tiny_lora):
     monkeypatch.setenv("HOME", str(tmp_path))
-    config = _config(output_dir="~/runs/dpo", save_steps=2)
+    config = replace(CONFIG, output_dir="~/runs/dpo", save_steps=2)
     assert config.output_dir == str(tmp_path / "runs" / "dpo")
-    train(*_lora(), ROWS, config)
+    train(*tiny_lora(), ROWS, config)
     assert (tmp_path / "runs" / "dpo" / "checkpoint-1" / "trainable.safetensors").is_file()
     assert not Path("~").exists()
 
 
-def test_output_dir_holding_another_run_is_refused(tmp_path):
-    train(*_lora(), ROWS, _small(tmp_path))
-    model, tok = _lora()
-    with _unchanged(tmp_path), _refused_before_training(
-            model, ValueError, _all("already holds another run", "checkpoint-1", "--resume",
-                                    "--overwrite", "another output_dir")):
+def test_output_dir_holding_another_run_is_refused(tmp_path, tiny_lora):
+    train(*tiny_lora(), ROWS, _small(tmp_path))
+    model, tok = tiny_lora()
+    with _unchanged(tmp_path), refused_before_training(
+            model, ValueError, all_of("already holds another run", "checkpoint-1", "--resume",
+                                      "--overwrite", "another output_dir")):
         train(model, tok, ROWS, _small(tmp_path))
 
 
 @pytest.mark.parametrize("left", ["history.json", "adapter", "run.json"])
-def test_output_dir_holding_command_line_outputs_is_refused(tmp_path, left):
+def test_output_dir_holding_command_line_outputs_is_refused(tmp_path, left, tiny_lora):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / left).write_text("{}") if "." in left else (tmp_path / "run" / left).mkdir()
-    model, tok = _lora()
-    with _unchanged(tmp_path), _refused_before_training(model, ValueError,
-                                                        _all("another run", left)):
+    model, tok = tiny_lora()
+    with _unchanged(tmp_path), refused_before_training(model, ValueError,
+                                                       all_of("another run", left)):
         train(model, tok, ROWS, _small(tmp_path))
 
 
-def test_overwrite_replaces_the_old_run(tmp_path):
-    train(*_lora(), ROWS, _small(tmp_path, max_steps=3))
-    train(*_lora(), ROWS, _small(tmp_path, overwrite_output_dir=True))
+def test_overwrite_replaces_the_old_run(tmp_path, tiny_lora):
+    train(*tiny_lora(), ROWS, _small(tmp_path, max_steps=3))
+    train(*tiny_lora(), ROWS, _small(tmp_path, overwrite_output_dir=True))
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint-1",
-                                                                     "checkpoint-2"]
+                                                                    "checkpoint-2"]
 
 
 def test_resuming_into_a_folder_holding_another_run_is_refused(tmp_path, monkeypatch,
-                                                                interrupt_update):
-    train(*_lora(), ROWS, _config(output_dir=str(tmp_path / "a"), save_steps=1, max_steps=2))
-    other = _config(output_dir=str(tmp_path / "b"), save_steps=1, max_steps=3)
+                                                               interrupt_update, tiny_lora):
+    train(*tiny_lora(), ROWS, replace(CONFIG, output_dir=str(tmp_path / "a"), save_steps=1,
+                                      max_steps=2))
+    other = replace(CONFIG, output_dir=str(tmp_path / "b"), save_steps=1, max_steps=3)
     interrupt_update(2)
     with pytest.raises(KeyboardInterrupt):
-        train(*_lora(), ROWS, other)
+        train(*tiny_lora(), ROWS, other)
     monkeypatch.undo()
-    model, tok = _lora()
-    with _unchanged(tmp_path), _refused_before_training(
-            model, ValueError, _all("another run's checkpoints", "checkpoint-1", "--overwrite")):
-        train(model, tok, ROWS, dataclasses.replace(other, output_dir=str(tmp_path / "a")),
+    model, tok = tiny_lora()
+    with _unchanged(tmp_path), refused_before_training(
+            model, ValueError, all_of("another run's checkpoints", "checkpoint-1", "--overwrite")):
+        train(model, tok, ROWS, replace(other, output_dir=str(tmp_path / "a")),
               resume_from=tmp_path / "b" / "checkpoint-1")
 
 
 def test_pruning_keeps_the_newest_checkpoints_of_the_run(tmp_path, monkeypatch,
-                                                          interrupt_update):
-    config = _config(output_dir=str(tmp_path), save_steps=1, max_steps=4, save_total_limit=2)
+                                                         interrupt_update, tiny_lora):
+    config = replace(CONFIG, output_dir=str(tmp_path), save_steps=1, max_steps=4,
+                     save_total_limit=2)
     interrupt_update(3)
     with pytest.raises(KeyboardInterrupt):
-        train(*_lora(), ROWS, config)
+        train(*tiny_lora(), ROWS, config)
     monkeypatch.undo()
-    train(*_lora(), ROWS, config, resume_from=True)
+    train(*tiny_lora(), ROWS, config, resume_from=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3", "checkpoint-4"]
 
 
@@ -701,12 +680,12 @@ def test_cli_output_dir_that_is_a_file(tmp_path, prefs, capsys):
     with _unchanged(tmp_path):
         err = _cli(["train", *CLI_SMALL, "--data", prefs, "--output-dir",
                     str(tmp_path / "out")], capsys)
-    assert re.search(_all("is a file", "folder"), err)
+    assert re.search(all_of("is a file", "folder"), err)
 
 
 def test_cli_output_dir_that_cannot_be_written(prefs, capsys):
     err = _cli(["train", *CLI_SMALL, "--data", prefs, "--output-dir", "/sys/dpo-run"], capsys)
-    assert re.search(_all("cannot be written", "write to"), err)
+    assert re.search(all_of("cannot be written", "write to"), err)
 
 
 def test_cli_output_dir_holding_another_run(tmp_path, prefs, capsys):
@@ -717,13 +696,13 @@ def test_cli_output_dir_holding_another_run(tmp_path, prefs, capsys):
     with _unchanged(tmp_path):
         err = _cli(["train", *CLI_SMALL, "--data", prefs, "--output-dir", str(tmp_path / "o")],
                    capsys)
-    assert re.search(_all("already holds another run", "--resume", "--overwrite"), err)
+    assert re.search(all_of("already holds another run", "--resume", "--overwrite"), err)
     assert main(["train", *CLI_SMALL, "--data", prefs, "--output-dir", str(tmp_path / "o"),
                  "--overwrite"]) == 0
 
 
 def test_cli_output_dir_with_an_empty_name(prefs, capsys):
-    assert re.search(_all("output_dir", "empty"),
+    assert re.search(all_of("output_dir", "empty"),
                      _cli(["train", *CLI_SMALL, "--data", prefs, "--output-dir", ""], capsys))
 
 
@@ -737,67 +716,61 @@ def _finite_on_disk(folder) -> list[str]:
                    .values())]
 
 
-def test_a_diverging_run_writes_no_poisoned_checkpoint(tmp_path):
+def test_a_diverging_run_writes_no_poisoned_checkpoint(tmp_path, tiny_lora):
     from dpo_minimal.train import NonFiniteLossError
 
     config = _small(tmp_path, learning_rate=1e4, max_steps=20, max_grad_norm=None,
                     save_total_limit=1)
-    with pytest.raises(NonFiniteLossError, match=_all("float32 run", "learning_rate", "lower")) \
+    with pytest.raises(NonFiniteLossError, match=all_of("float32 run", "learning_rate", "lower")) \
             as caught:
-        train(*_lora(), ROWS, config)
+        train(*tiny_lora(), ROWS, config)
     assert "float16" not in str(caught.value)
     on_disk = sorted(p.name for p in (tmp_path / "run").iterdir())
     assert on_disk and _finite_on_disk(tmp_path / "run") == on_disk  # the newest finite is kept
-    model, tok = _lora()
-    resumed = train(model, tok, ROWS, dataclasses.replace(config, max_steps=len(
+    model, tok = tiny_lora()
+    resumed = train(model, tok, ROWS, replace(config, max_steps=len(
         caught.value.history)), resume_from=True)
     assert all(math.isfinite(row["loss"]) for row in resumed)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_a_non_finite_gradient_stops_before_the_update(tmp_path):
+def test_a_non_finite_gradient_stops_before_the_update(tmp_path, tiny_lora):
     from dpo_minimal.train import NonFiniteLossError
 
-    model, tok = _lora()
+    model, tok = tiny_lora()
     weight = next(p for n, p in model.named_parameters() if "lora_A" in n)
     before = weight.detach().clone()
     weight.register_hook(lambda grad: grad * math.inf)
-    with _unchanged(tmp_path), pytest.raises(NonFiniteLossError,
-                                             match=_all("gradient norm", "step 0", "finite loss")):
-        train(model, tok, ROWS, _config())
+    words = all_of("gradient norm", "step 0", "finite loss")
+    with _unchanged(tmp_path), pytest.raises(NonFiniteLossError, match=words):
+        train(model, tok, ROWS, CONFIG)
     assert torch.equal(weight, before)  # no update was applied
 
 
-def test_weights_poisoned_by_an_update_are_never_saved(tmp_path, monkeypatch):
-    from dpo_minimal.train import NonFiniteLossError, _Run
+def test_weights_poisoned_by_an_update_are_never_saved(tmp_path, at_call, tiny_lora):
+    from dpo_minimal.train import NonFiniteLossError
 
-    update, calls = _Run.update, []
+    def poison(run):
+        with torch.no_grad():
+            run.params[0].fill_(math.inf)
 
-    def poisoning(self):
-        out = update(self)
-        calls.append(1)
-        if len(calls) == 3:
-            with torch.no_grad():
-                self.params[0].fill_(math.inf)
-        return out
-
-    monkeypatch.setattr(_Run, "update", poisoning)
-    with pytest.raises(NonFiniteLossError, match=_all("non-finite by step 3", "checkpoint-2")):
-        train(*_lora(), ROWS, _small(tmp_path, max_steps=5))
+    at_call("update", 3, poison, after=True)
+    with pytest.raises(NonFiniteLossError, match=all_of("non-finite by step 3", "checkpoint-2")):
+        train(*tiny_lora(), ROWS, _small(tmp_path, max_steps=5))
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint-1",
-                                                                     "checkpoint-2"]
+                                                                    "checkpoint-2"]
 
 
 @pytest.mark.parametrize("damage", ["no trainer_state", "tmp folder"])
-def test_resume_skips_an_incomplete_checkpoint(tmp_path, damage):
-    train(*_lora(), ROWS, _small(tmp_path, max_steps=2))
+def test_resume_skips_an_incomplete_checkpoint(tmp_path, damage, tiny_lora):
+    train(*tiny_lora(), ROWS, _small(tmp_path, max_steps=2))
     run = tmp_path / "run"
     if damage == "no trainer_state":
         (run / "checkpoint-2" / "trainer_state.json").unlink()  # a save cut short
     else:
         shutil.copytree(run / "checkpoint-2", run / "checkpoint-3.tmp")
         shutil.rmtree(run / "checkpoint-2")
-    history = train(*_lora(), ROWS, _small(tmp_path, max_steps=2), resume_from=True)
+    history = train(*tiny_lora(), ROWS, _small(tmp_path, max_steps=2), resume_from=True)
     assert len(history) == 2  # it resumed from checkpoint-1 and trained step 2 again
 
 
@@ -807,52 +780,49 @@ def test_cli_diverging_run_exits_1_naming_the_learning_rate(tmp_path, prefs, cap
     code = main(["train", *CLI_SMALL, "--data", prefs, "--output-dir", str(tmp_path / "o"),
                  "--learning-rate", "1e4", "--max-grad-norm", "none", "--max-steps", "20"])
     err = capsys.readouterr().err
-    assert code == 1 and re.search(_all("learning_rate", "lower"), err)
+    assert code == 1 and re.search(all_of("learning_rate", "lower"), err)
     assert "Traceback" not in err and "float16" not in err
 
 
 # --- 4. a resume that knows its run -----------------------------------------------------------
 
 @pytest.fixture
-def saved_run(tmp_path):
+def saved_run(tmp_path, tiny_lora):
     """A LoRA run of 2 steps with a checkpoint after each."""
     config = _small(tmp_path, max_steps=2)
-    train(*_lora(), ROWS, config, eval_data=ROWS[:2])
+    train(*tiny_lora(), ROWS, config, eval_data=ROWS[:2])
     return config
 
 
-def _other_base(seed=1):
-    model, tok = tiny_model("gpt2", seed=seed)
-    return add_lora(model, r=4), tok
-
-
-RESUME_CASES = [
-    ("other data, same size", lambda: (_lora(), ROWS[1:] + ROWS[:1], ROWS[:2]),
+RESUME_CASES = [  # make(tiny_lora) -> ((model, tokenizer), train data, eval data)
+    ("other data, same size", lambda lora: (lora(), ROWS[1:] + ROWS[:1], ROWS[:2]),
      ("training data differs", "same size")),
-    ("other data size", lambda: (_lora(), ROWS[:6], ROWS[:2]), ("training data", "8", "6")),
-    ("other eval data", lambda: (_lora(), ROWS, ROWS[2:4]), ("evaluation data",)),
-    ("no eval data", lambda: (_lora(), ROWS, None), ("evaluation data",)),
-    ("other base weights", lambda: (_other_base(), ROWS, ROWS[:2]), ("base model", "weights")),
-    ("other architecture", lambda: ((add_lora(tiny_model("phi")[0], r=4), tiny_model("phi")[1]),
-                                    ROWS, ROWS[:2]), ("base model", "config", "LoRA")),
-    ("other LoRA alpha", lambda: ((add_lora(tiny_model("gpt2")[0], r=4, alpha=8),
-                                   course_tokenizer()), ROWS, ROWS[:2]), ("LoRA", "lora_alpha")),
-    ("other LoRA targets", lambda: ((add_lora(tiny_model("gpt2")[0], r=4, target_modules=[
-        "c_attn"]), course_tokenizer()), ROWS, ROWS[:2]), ("LoRA", "target_modules")),
-    ("other load dtype", lambda: ((add_lora(tiny_model("gpt2")[0].to(torch.bfloat16), r=4),
-                                   course_tokenizer()), ROWS, ROWS[:2]), ("load dtype",)),
+    ("other data size", lambda lora: (lora(), ROWS[:6], ROWS[:2]), ("training data", "8", "6")),
+    ("other eval data", lambda lora: (lora(), ROWS, ROWS[2:4]), ("evaluation data",)),
+    ("no eval data", lambda lora: (lora(), ROWS, None), ("evaluation data",)),
+    ("other base weights", lambda lora: (lora(seed=1), ROWS, ROWS[:2]), ("base model", "weights")),
+    ("other architecture", lambda lora: (lora("phi"), ROWS, ROWS[:2]),
+     ("base model", "config", "LoRA")),
+    ("other LoRA alpha", lambda lora: (lora(alpha=16), ROWS, ROWS[:2]), ("LoRA", "lora_alpha")),
+    ("other LoRA targets", lambda lora: ((add_lora(tiny_model("gpt2")[0], r=4, alpha=8,
+                                                   target_modules=["c_attn"]),
+                                          course_tokenizer()), ROWS, ROWS[:2]),
+     ("LoRA", "target_modules")),
+    ("other load dtype", lambda lora: ((add_lora(tiny_model("gpt2")[0].to(torch.bfloat16), r=4,
+                                                 alpha=8), course_tokenizer()), ROWS, ROWS[:2]),
+     ("load dtype",)),
 ]
 
 
 @pytest.mark.parametrize("make, words", [c[1:] for c in RESUME_CASES],
                          ids=[c[0] for c in RESUME_CASES])
-def test_resume_refuses_another_run(saved_run, tmp_path, make, words):
+def test_resume_refuses_another_run(saved_run, tmp_path, make, words, tiny_lora):
     from dpo_minimal.checkpoint import CheckpointError
 
-    (model, tok), data, eval_data = make()
-    with _unchanged(tmp_path), _refused_before_training(
-            model, CheckpointError, _all("checkpoint-2", "another run", *words,
-                                         "(?i)resume with")):
+    (model, tok), data, eval_data = make(tiny_lora)
+    with _unchanged(tmp_path), refused_before_training(
+            model, CheckpointError, all_of("checkpoint-2", "another run", *words,
+                                           "(?i)resume with")):
         train(model, tok, data, saved_run, eval_data=eval_data, resume_from=True)
 
 
@@ -863,41 +833,41 @@ def test_resume_refuses_another_run(saved_run, tmp_path, make, words):
     ("config.json", lambda p: p.write_text("{broken")),
 ], ids=["truncated weights", "truncated state", "missing history", "broken config"])
 def test_a_damaged_checkpoint_names_itself_and_the_previous_one(saved_run, tmp_path, name,
-                                                                damage):
+                                                                damage, tiny_lora):
     from dpo_minimal.checkpoint import CheckpointError
 
     damage(tmp_path / "run" / "checkpoint-2" / name)
-    model, tok = _lora()
-    with _unchanged(tmp_path), _refused_before_training(
-            model, CheckpointError, _all("checkpoint-2", re.escape(name), "cannot be read",
-                                         "checkpoint-1")):
+    model, tok = tiny_lora()
+    with _unchanged(tmp_path), refused_before_training(
+            model, CheckpointError, all_of("checkpoint-2", re.escape(name), "cannot be read",
+                                           "checkpoint-1")):
         train(model, tok, ROWS, saved_run, eval_data=ROWS[:2], resume_from=True)
 
 
-def test_a_broken_trainer_state_named_when_resumed_by_path(saved_run, tmp_path):
+def test_a_broken_trainer_state_named_when_resumed_by_path(saved_run, tmp_path, tiny_lora):
     from dpo_minimal.checkpoint import CheckpointError
 
     (tmp_path / "run" / "checkpoint-2" / "trainer_state.json").unlink()
-    model, tok = _lora()
-    with _unchanged(tmp_path), _refused_before_training(
-            model, CheckpointError, _all("trainer_state.json", "incomplete", "checkpoint-1")):
+    model, tok = tiny_lora()
+    with _unchanged(tmp_path), refused_before_training(
+            model, CheckpointError, all_of("trainer_state.json", "incomplete", "checkpoint-1")):
         train(model, tok, ROWS, saved_run, eval_data=ROWS[:2],
               resume_from=tmp_path / "run" / "checkpoint-2")
 
 
-def test_raising_max_steps_continues_the_run(saved_run):
-    history = train(*_lora(), ROWS, dataclasses.replace(saved_run, max_steps=4),
+def test_raising_max_steps_continues_the_run(saved_run, tiny_lora):
+    history = train(*tiny_lora(), ROWS, replace(saved_run, max_steps=4),
                     eval_data=ROWS[:2], resume_from=True)
     assert [row["step"] for row in history] == [1, 2, 3, 4]
 
 
-def test_max_steps_below_the_steps_done_is_refused(saved_run, tmp_path):
+def test_max_steps_below_the_steps_done_is_refused(saved_run, tmp_path, tiny_lora):
     from dpo_minimal.checkpoint import CheckpointError
 
-    model, tok = _lora()
-    with _unchanged(tmp_path), _refused_before_training(
-            model, CheckpointError, _all("2 steps done", "max_steps=1", "max_steps >= 2")):
-        train(model, tok, ROWS, dataclasses.replace(saved_run, max_steps=1),
+    model, tok = tiny_lora()
+    with _unchanged(tmp_path), refused_before_training(
+            model, CheckpointError, all_of("2 steps done", "max_steps=1", "max_steps >= 2")):
+        train(model, tok, ROWS, replace(saved_run, max_steps=1),
               eval_data=ROWS[:2], resume_from=True)
 
 
@@ -913,45 +883,37 @@ def test_cli_resume_with_other_data(tmp_path, prefs, capsys):
     with _unchanged(tmp_path):
         err = _cli(["train", *CLI_SMALL, "--data", str(other), "--output-dir", out,
                     "--save-steps", "1", "--resume"], capsys)
-    assert re.search(_all("checkpoint-2", "training data differs"), err)
+    assert re.search(all_of("checkpoint-2", "training data differs"), err)
 
 
 # --- 5. signals -------------------------------------------------------------------------------
 
-def _signal_in(method: str, signals: int = 1, at: int = 2):
-    """Patch _Run.`method` so that its `at`-th call sends SIGINT to this process `signals`
-    times, as Ctrl-C (pressed once, or again) or a scheduler would, then runs as usual."""
+def _ctrl_c(times: int):
+    """An action for `at_call`: SIGINT sent to this process `times` times, as Ctrl-C (pressed
+    once, or again) or a scheduler would."""
     import os
     import signal
 
-    from dpo_minimal.train import _Run
+    def send(run) -> None:
+        for _ in range(times):
+            os.kill(os.getpid(), signal.SIGINT)
 
-    real, calls = getattr(_Run, method), []
-
-    def sending(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == at:
-            for _ in range(signals):
-                os.kill(os.getpid(), signal.SIGINT)
-        return real(self, *args, **kwargs)
-
-    return real, sending
+    return send
 
 
 @pytest.mark.parametrize("method, signals", [("micro_step", 1), ("update", 1), ("update", 2),
                                              ("save", 1), ("save", 2)],
                          ids=["once in a forward", "once in the update", "twice in the update",
                               "once in a save", "twice in a save"])
-def test_a_stop_signal_keeps_a_consistent_checkpoint(tmp_path, monkeypatch, method, signals):
+def test_a_stop_signal_keeps_a_consistent_checkpoint(tmp_path, monkeypatch, at_call, method,
+                                                     signals, tiny_lora):
     import signal
 
-    from dpo_minimal.train import _Run
-
     handler = signal.getsignal(signal.SIGINT)
-    monkeypatch.setattr(_Run, method, _signal_in(method, signals)[1])
+    at_call(method, 2, _ctrl_c(signals))
     config = _small(tmp_path, max_steps=5, save_steps=2 if method == "save" else 0)
     with pytest.raises(KeyboardInterrupt) as caught:
-        train(*_lora(), ROWS, config)
+        train(*tiny_lora(), ROWS, config)
     assert signal.getsignal(signal.SIGINT) is handler  # the caller's handler is back
     done = len(caught.value.history)
     assert caught.value.checkpoint.name == f"checkpoint-{done}"
@@ -959,33 +921,25 @@ def test_a_stop_signal_keeps_a_consistent_checkpoint(tmp_path, monkeypatch, meth
     assert state["steps_done"] == done == state["scheduler"]["last_epoch"]
     assert {s["step"].item() for s in state["optimizer"]["state"].values()} == {done}
     monkeypatch.undo()
-    resumed = train(*_lora(), ROWS, config, resume_from=True)
-    whole = train(*_lora(), ROWS, dataclasses.replace(config, output_dir=None, save_steps=0))
-    timing = ("step_seconds", "tokens_per_second", "peak_memory_gib")
-    assert [{k: v for k, v in r.items() if k not in timing} for r in resumed] == \
-        [{k: v for k, v in r.items() if k not in timing} for r in whole]
+    resumed = train(*tiny_lora(), ROWS, config, resume_from=True)
+    whole = train(*tiny_lora(), ROWS, replace(config, output_dir=None, save_steps=0))
+    assert without_timing(resumed) == without_timing(whole)
 
 
-def test_an_interrupt_during_evaluation_resumes_bit_for_bit(tmp_path, monkeypatch):
-    from dpo_minimal.train import _Run
-
+def test_an_interrupt_during_evaluation_resumes_bit_for_bit(tmp_path, monkeypatch, at_call,
+                                                            tiny_lora):
     config = _small(tmp_path, max_steps=4, save_steps=0, eval_every=2)
-    timing = ("step_seconds", "tokens_per_second", "peak_memory_gib")
-    whole = train(*_lora(), ROWS, dataclasses.replace(config, output_dir=None), eval_data=ROWS)
-    real = _Run.evaluate
+    whole = train(*tiny_lora(), ROWS, replace(config, output_dir=None), eval_data=ROWS)
 
-    def interrupted(self):  # Ctrl-C in the middle of the evaluation after step 2
-        self.evaluate = lambda: (_ for _ in ()).throw(KeyboardInterrupt)
-        real(self)
-        return self.evaluate()
+    def ctrl_c(run):  # once the evaluation after step 2 has run, before it is recorded
+        raise KeyboardInterrupt
 
-    monkeypatch.setattr(_Run, "evaluate", interrupted)
+    at_call("evaluate", 1, ctrl_c, after=True)
     with pytest.raises(KeyboardInterrupt):
-        train(*_lora(), ROWS, config, eval_data=ROWS)
+        train(*tiny_lora(), ROWS, config, eval_data=ROWS)
     monkeypatch.undo()
-    resumed = train(*_lora(), ROWS, config, eval_data=ROWS, resume_from=True)
-    assert [{k: v for k, v in r.items() if k not in timing} for r in resumed] == \
-        [{k: v for k, v in r.items() if k not in timing} for r in whole]
+    resumed = train(*tiny_lora(), ROWS, config, eval_data=ROWS, resume_from=True)
+    assert without_timing(resumed) == without_timing(whole)
 
 
 @pytest.mark.slow
@@ -1006,7 +960,7 @@ def test_sigterm_through_the_command_line(tmp_path, prefs):
             break
     out, err = run.communicate(timeout=300)
     assert run.returncode == 128 + signal.SIGTERM, err
-    assert re.search(_all("SIGTERM", "stopping after this step", "--resume"), err)
+    assert re.search(all_of("SIGTERM", "stopping after this step", "--resume"), err)
     assert "Traceback" not in err
     saved = [p.name for p in (tmp_path / "o").iterdir()]
     assert len(saved) == 1 and saved[0].startswith("checkpoint-")
@@ -1016,7 +970,7 @@ def test_sigterm_through_the_command_line(tmp_path, prefs):
 
 @pytest.mark.parametrize("alpha", [0, -16])
 def test_add_lora_refuses_an_alpha_that_trains_nothing(alpha):
-    with pytest.raises(ValueError, match=_all("alpha", "> 0", "2 \\* r")):
+    with pytest.raises(ValueError, match=all_of("alpha", "> 0", "2 \\* r")):
         add_lora(tiny_model("gpt2")[0], r=4, alpha=alpha)
 
 
@@ -1026,8 +980,8 @@ def test_train_refuses_a_peft_adapter_with_alpha_zero(tmp_path):
     model, tok = tiny_model("gpt2")
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=0, target_modules=["c_attn"],
                                              fan_in_fan_out=True))
-    with _unchanged(tmp_path), _refused_before_training(model, ValueError,
-                                                        _all("lora_alpha=0", "alpha > 0")):
+    with _unchanged(tmp_path), refused_before_training(model, ValueError,
+                                                       all_of("lora_alpha=0", "alpha > 0")):
         train(model, tok, ROWS, _small(tmp_path))
 
 
@@ -1035,33 +989,33 @@ def test_cli_lora_alpha_zero(tmp_path, prefs, capsys):
     with _unchanged(tmp_path):
         err = _cli(["train", *CLI_SMALL, "--data", prefs, "--output-dir", str(tmp_path / "o"),
                     "--lora-alpha", "0"], capsys)
-    assert re.search(_all("alpha", "> 0"), err)
+    assert re.search(all_of("alpha", "> 0"), err)
 
 
-def test_trainable_base_weights_beside_the_adapter(tmp_path):
-    model, tok = _lora()
+def test_trainable_base_weights_beside_the_adapter(tmp_path, tiny_lora):
+    model, tok = tiny_lora()
     next(p for n, p in model.named_parameters() if "wte" in n).requires_grad_(True)
-    with _unchanged(tmp_path), _refused_before_training(
-            model, ValueError, _all("base weights require grad", "wte", "adapter disabled",
-                                    "modules_to_save")):
+    with _unchanged(tmp_path), refused_before_training(
+            model, ValueError, all_of("base weights require grad", "wte", "adapter disabled",
+                                      "modules_to_save")):
         train(model, tok, ROWS, _small(tmp_path))
 
 
 def test_token_ids_beyond_the_embedding(tmp_path):
     config = GPT2Config(vocab_size=300, n_positions=128, n_embd=32, n_layer=1, n_head=2)
     model = add_lora(GPT2LMHeadModel(config), r=2)
-    with _unchanged(tmp_path), _refused_before_training(
-            model, ValueError, _all("token id", "300 rows", "resize_token_embeddings")):
+    with _unchanged(tmp_path), refused_before_training(
+            model, ValueError, all_of("token id", "300 rows", "resize_token_embeddings")):
         train(model, course_tokenizer(), ROWS, _small(tmp_path))
 
 
 def test_a_model_on_the_meta_device(tmp_path):
     with torch.device("meta"):
         model = GPT2LMHeadModel(tiny_model("gpt2")[0].config)
-    with _unchanged(tmp_path), pytest.raises(ValueError, match=_all("meta device", "load")):
+    with _unchanged(tmp_path), pytest.raises(ValueError, match=all_of("meta device", "load")):
         train(add_lora(model, r=2), course_tokenizer(), ROWS, _small(tmp_path))
     with pytest.raises(ValueError, match="meta device"):
-        evaluate(model, course_tokenizer(), ROWS, _config())
+        evaluate(model, course_tokenizer(), ROWS, CONFIG)
 
 
 # --- 7. files: data and --config files as users write them --------------------------------------
@@ -1070,9 +1024,9 @@ def test_a_model_on_the_meta_device(tmp_path):
 
 TOK = course_tokenizer()
 FILE_ROW = {"prompt": "Is the sky green?", "chosen": " No, it is usually blue.",
-       "rejected": " Yes, it is green."}
+            "rejected": " Yes, it is green."}
 FILE_SMALL = ["--tiny", "gpt2", "--max-length", "64", "--max-prompt-length", "32", "--batch-size",
-         "2", "--max-steps", "1", "--no-progress"]
+              "2", "--max-steps", "1", "--no-progress"]
 
 
 def _listing(folder: Path) -> list[str]:
@@ -1159,25 +1113,25 @@ def _nested_types_differ(tmp_path):
 
 FILE_CASES = [
     (_duplicate_jsonl, ValueError,
-     _all(r"file_prefs\.jsonl", r"line 2\b", "'chosen'", "twice", "(?i)delete or rename")),
+     all_of(r"file_prefs\.jsonl", r"line 2\b", "'chosen'", "twice", "(?i)delete or rename")),
     (_duplicate_in_message, ValueError,
-     _all(r"chat\.jsonl", r"line 1\b", "'content'", "twice", "(?i)delete or rename")),
+     all_of(r"chat\.jsonl", r"line 1\b", "'content'", "twice", "(?i)delete or rename")),
     (_duplicate_json, ValueError,
-     _all(r"file_prefs\.json\b", r"row 1\b", r"line 3\b", "'rejected'", "twice",
-          "(?i)delete or rename")),
+     all_of(r"file_prefs\.json\b", r"row 1\b", r"line 3\b", "'rejected'", "twice",
+            "(?i)delete or rename")),
     (_latin1_jsonl, ValueError,
-     _all(r"file_prefs\.jsonl", r"line 2\b", "0xe9", "not UTF-8", "(?i)save the file as UTF-8")),
+     all_of(r"file_prefs\.jsonl", r"line 2\b", "0xe9", "not UTF-8", "(?i)save the file as UTF-8")),
     (_latin1_json, ValueError,
-     _all(r"file_prefs\.json\b", r"line 2\b", "0xe9", "not UTF-8", "(?i)save the file as UTF-8")),
+     all_of(r"file_prefs\.json\b", r"line 2\b", "0xe9", "not UTF-8", "(?i)save the file as UTF-8")),
     (_folder_with_file, IsADirectoryError,
-     _all("(?i)is a directory", r"data/train\.jsonl", "(?i)pass the .jsonl")),
-    (_empty_folder, IsADirectoryError, _all("data", "(?i)is a directory", r"(?i)\.jsonl")),
+     all_of("(?i)is a directory", r"data/train\.jsonl", "(?i)pass the .jsonl")),
+    (_empty_folder, IsADirectoryError, all_of("data", "(?i)is a directory", r"(?i)\.jsonl")),
     (_mixed_column, ValueError,
-     _all("'score'", r"line 1\b", r"line 2\b", "number", "string", "(?i)one type",
-          "(?i)on every row")),
+     all_of("'score'", r"line 1\b", r"line 2\b", "number", "string", "(?i)one type",
+            "(?i)on every row")),
     (_list_then_string, ValueError,
-     _all("'tags'", r"line 1\b", r"line 3\b", "list", "string", "(?i)on every row")),
-    (_nested_types_differ, ValueError, _all("'meta'", "(?i)types", "(?i)one type on every row")),
+     all_of("'tags'", r"line 1\b", r"line 3\b", "list", "string", "(?i)on every row")),
+    (_nested_types_differ, ValueError, all_of("'meta'", "(?i)types", "(?i)one type on every row")),
 ]
 
 
@@ -1226,15 +1180,15 @@ def _cut_alike(i: int) -> dict:
 
 def test_pairs_identical_after_truncation_are_dropped_and_counted():
     rows = [FILE_ROW, _cut_alike(0), _cut_alike(1)]
-    with pytest.warns(UserWarning, match=_all("dropped 2 of 3 pairs", "identical", r"\[1, 2\]",
-                                              "max_length=12", "(?i)raise max_length")):
+    with pytest.warns(UserWarning, match=all_of("dropped 2 of 3 pairs", "identical", r"\[1, 2\]",
+                                                "max_length=12", "(?i)raise max_length")):
         out = tokenize_preferences(rows, TOK, max_length=12)
     assert len(out) == 1 and out[0]["chosen_ids"] != out[0]["rejected_ids"]
     assert len(tokenize_preferences(rows, TOK, max_length=64)) == 3  # room enough: all kept
 
 
 def test_no_pair_left_after_truncation_names_the_cause():
-    with pytest.raises(ValueError, match=_all("no pairs left", "identical", "max_length")), \
+    with pytest.raises(ValueError, match=all_of("no pairs left", "identical", "max_length")), \
             pytest.warns(UserWarning, match="identical"):
         tokenize_preferences([_cut_alike(0)], TOK, max_length=12)
 
@@ -1264,7 +1218,7 @@ def _refused(argv: list, tmp_path: Path, capsys, *words: str) -> None:
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "usage: dpo-minimal train" in err, err
-    assert re.search(_all(*words), err), err
+    assert re.search(all_of(*words), err), err
     assert not out.exists() and _listing(tmp_path) == before
 
 
@@ -1331,7 +1285,7 @@ def test_cli_bad_data_is_found_before_the_model_loads(tmp_path, capsys):
     with _unchanged(tmp_path):  # the model folder does not exist: the data error comes first
         err = _cli(["train", "--model", str(tmp_path / "no-model"), "--data",
                     str(tmp_path / "bad.jsonl"), "--output-dir", str(tmp_path / "o")], capsys)
-    assert re.search(_all("bad.jsonl", "line 1", "rejected"), err)
+    assert re.search(all_of("bad.jsonl", "line 1", "rejected"), err)
 
 
 @pytest.mark.parametrize("where", ["folder", "missing folder"])
@@ -1340,28 +1294,28 @@ def test_cli_eval_output_that_cannot_be_written(tmp_path, prefs, capsys, where):
     with _unchanged(tmp_path):
         err = _cli(["eval", "--tiny", "gpt2", "--adapter", str(tmp_path / "a"), "--data", prefs,
                     "--output", str(target)], capsys)
-    assert re.search(_all("--output", "is a directory|does not exist"), err)
+    assert re.search(all_of("--output", "is a directory|does not exist"), err)
 
 
-def test_output_dir_as_a_path_object(tmp_path):
-    config = _config(output_dir=tmp_path / "run", save_steps=1)
+def test_output_dir_as_a_path_object(tmp_path, tiny_lora):
+    config = replace(CONFIG, output_dir=tmp_path / "run", save_steps=1)
     assert config.output_dir == str(tmp_path / "run")
-    train(*_lora(), ROWS, config)
+    train(*tiny_lora(), ROWS, config)
     assert (tmp_path / "run" / "checkpoint-1").is_dir()
 
 
-def test_a_chat_template_that_refuses_the_messages(tmp_path):
-    model, tok = _lora()
+def test_a_chat_template_that_refuses_the_messages(tmp_path, tiny_lora):
+    model, tok = tiny_lora()
     tok.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System "
                          "role not supported') }}{% endif %}" + CHATML)
     rows = [{"prompt": [SYSTEM, USER], "chosen": [NO], "rejected": [YES]}] * 4
-    with _unchanged(tmp_path), _refused_before_training(
-            model, ValueError, _all("row 0", "chat template refused", "System role not "
-                                    "supported", "fix the row")):
+    with _unchanged(tmp_path), refused_before_training(
+            model, ValueError, all_of("row 0", "chat template refused", "System role not "
+                                      "supported", "fix the row")):
         train(model, tok, rows, _small(tmp_path))
 
 
 def test_cli_eval_output_in_a_folder_that_cannot_be_written(prefs, tmp_path, capsys):
     err = _cli(["eval", "--tiny", "gpt2", "--adapter", str(tmp_path / "a"), "--data", prefs,
                 "--output", "/sys/metrics.json"], capsys)
-    assert re.search(_all("--output", "cannot be written", "another file"), err)
+    assert re.search(all_of("--output", "cannot be written", "another file"), err)

@@ -14,22 +14,22 @@ Checked here by hand, against TRL's KTOTrainer (1.16) on the same batch, through
 import json
 import math
 from contextlib import nullcontext
+from dataclasses import replace
 
 import pytest
 import torch
-from test_checkpoints import _without_timing
-from test_hostile import _all, _refused_before_training
+from helpers import all_of, refused_before_training, without_timing
 
-from dpo_minimal import add_lora, evaluate, load_preferences, shipped_data_path, tiny_model
+from dpo_minimal import evaluate, load_preferences, shipped_data_path, tiny_model
 from dpo_minimal.data import collate_unpaired, tokenize_preferences
 from dpo_minimal.logprobs import PairLogps
 from dpo_minimal.models import course_tokenizer, fused_gelu
 from dpo_minimal.train import (
     Reference,
     TrainConfig,
-    _mean,
     batch_logps,
     kl_logps,
+    metric_means,
     preference_step,
     train,
 )
@@ -73,7 +73,7 @@ def test_kto_step_is_the_papers_loss_by_hand(kl_policy, kl_reference):
              "kl_logps": (torch.tensor(kl_policy), torch.tensor(kl_reference))}
     losses, sums = preference_step(torch.tensor(POLICY), torch.tensor(REFERENCE), batch, config)
     torch.testing.assert_close(losses, torch.tensor(expected), atol=1e-6, rtol=0)
-    means = _mean(sums, 4)
+    means = metric_means(sums, 4)
     assert means["kl"] == pytest.approx(z0, abs=1e-6)
     assert means["rewards/chosen"] == pytest.approx(beta * (rewards[0] + rewards[2]) / 2)
     assert means["rewards/rejected"] == pytest.approx(beta * (rewards[1] + rewards[3]) / 2)
@@ -87,7 +87,7 @@ def test_a_step_without_undesirable_examples_leaves_their_metrics_out():
     config = TrainConfig(loss_type="kto")
     _, sums = preference_step(torch.tensor(POLICY), torch.tensor(REFERENCE),
                               {"label": torch.ones(4, dtype=torch.bool)}, config)
-    means = _mean(sums, 4)
+    means = metric_means(sums, 4)
     assert "rewards/chosen" in means and "kl" in means
     assert not {"rewards/rejected", "logps/rejected", "rewards/margins"} & set(means)
 
@@ -209,7 +209,7 @@ def test_kto_loss_and_metrics_match_trl(trl_setup, fused):
         reference = Reference().logps(model, batch)
         kl = kl_logps(model, batch, "float32")
     losses, sums = preference_step(policy, reference, {**batch, "kl_logps": kl}, config)
-    ours = _mean(sums, 6)
+    ours = metric_means(sums, 6)
     tol = 1e-5 if fused else 1e-6  # fused_gelu: float rounding, as in test_trl_parity.py
     assert abs(losses.mean().item() - trl_loss) < tol
     assert trl_metrics["kl"] > 0.05  # the reference point is in play, not clamped to 0
@@ -219,19 +219,16 @@ def test_kto_loss_and_metrics_match_trl(trl_setup, fused):
 
 # -- training -----------------------------------------------------------------------------------
 
-def _config(**kwargs) -> TrainConfig:
-    base = dict(loss_type="kto", batch_size=4, max_steps=12, max_length=64, max_prompt_length=32,
-                learning_rate=1e-2, progress=False)
-    return TrainConfig(**{**base, **kwargs})
+CONFIG = TrainConfig(loss_type="kto", batch_size=4, max_steps=12, max_length=64,
+                     max_prompt_length=32, learning_rate=1e-2, progress=False)
 
 
-def test_training_raises_desirable_log_probs_relative_to_undesirable_ones(tmp_path):
+def test_training_raises_desirable_log_probs_relative_to_undesirable_ones(tmp_path, tiny_lora):
     rows = _unpaired(12)
     path = tmp_path / "unpaired.jsonl"  # the file path, as a user would pass it
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    model, tok = tiny_model("gpt2", seed=0)
-    model = add_lora(model, r=4, alpha=8)
-    config = _config()
+    model, tok = tiny_lora()
+    config = CONFIG
     before = evaluate(model, tok, rows, config)
     assert before["loss"] == pytest.approx(0.5, abs=1e-6)  # policy = reference: 1 - sigma(0)
     assert before["rewards/margins"] == 0 and before["kl"] == 0
@@ -246,16 +243,15 @@ def test_training_raises_desirable_log_probs_relative_to_undesirable_ones(tmp_pa
     assert "rewards/accuracies" not in history[0]  # no pairs to win
 
 
-def test_interrupted_kto_run_resumes_bit_for_bit(tmp_path, monkeypatch, interrupt_update):
+def test_interrupted_kto_run_resumes_bit_for_bit(tmp_path, monkeypatch, interrupt_update,
+                                                 tiny_lora):
     rows, held_out = _unpaired(12), _unpaired(16)[12:]
     settings = dict(batch_size=2, gradient_accumulation_steps=2, max_steps=6, eval_every=2,
                     warmup_steps=1, save_steps=2)
 
     def run(folder, **extra):
-        model, tok = tiny_model("gpt2", seed=0)
-        return train(add_lora(model, r=4, alpha=8), tok, rows,
-                     _config(output_dir=str(tmp_path / folder), **settings), eval_data=held_out,
-                     **extra)
+        return train(*tiny_lora(), rows, replace(CONFIG, output_dir=str(tmp_path / folder),
+                                                 **settings), eval_data=held_out, **extra)
 
     whole = run("whole")
     interrupt_update(4)
@@ -264,7 +260,7 @@ def test_interrupted_kto_run_resumes_bit_for_bit(tmp_path, monkeypatch, interrup
     monkeypatch.undo()
     assert caught.value.checkpoint.name == "checkpoint-3"
     resumed = run("cut", resume_from=True)
-    assert _without_timing(resumed) == _without_timing(whole)
+    assert without_timing(resumed) == without_timing(whole)
     assert "eval/kl" in resumed[-1]
 
 
@@ -274,19 +270,19 @@ ROW = {"prompt": "Is the sky green?", "completion": " Yes.", "label": True}
 
 
 @pytest.mark.parametrize("row, words", [
-    ({**ROW, "label": 1}, _all("row 0", "'label'", "true or false", "int", "not 1/0")),
-    ({**ROW, "label": "yes"}, _all("row 0", "'label'", "true or false", "str")),
-    ({"prompt": "q", "label": True}, _all("row 0", "(?i)missing", "'completion'", "label")),
-    ({"prompt": "q", "completion": " a"}, _all("row 0", "(?i)missing", "'label'", "true")),
-    ({"completion": " a", "label": False}, _all("row 0", "(?i)missing", "'prompt'")),
-    ({**ROW, "completion": "  "}, _all("row 0", "'completion'", "(?i)empty")),
-    ({**ROW, "completion": 3}, _all("row 0", "'completion'", "(?i)str")),
-    ({**ROW, "chosen": "a", "rejected": "b"}, _all("row 0", "chosen", "completion",
-                                                   "one format per row")),
+    ({**ROW, "label": 1}, all_of("row 0", "'label'", "true or false", "int", "not 1/0")),
+    ({**ROW, "label": "yes"}, all_of("row 0", "'label'", "true or false", "str")),
+    ({"prompt": "q", "label": True}, all_of("row 0", "(?i)missing", "'completion'", "label")),
+    ({"prompt": "q", "completion": " a"}, all_of("row 0", "(?i)missing", "'label'", "true")),
+    ({"completion": " a", "label": False}, all_of("row 0", "(?i)missing", "'prompt'")),
+    ({**ROW, "completion": "  "}, all_of("row 0", "'completion'", "(?i)empty")),
+    ({**ROW, "completion": 3}, all_of("row 0", "'completion'", "(?i)str")),
+    ({**ROW, "chosen": "a", "rejected": "b"}, all_of("row 0", "chosen", "completion",
+                                                     "one format per row")),
     ({"prompt": [USER], "completion": [USER], "label": True},
-     _all("row 0", "completion", "assistant")),
+     all_of("row 0", "completion", "assistant")),
     ({"prompt": [USER], "completion": " Yes.", "label": True},
-     _all("row 0", "(?i)mixes formats", "message")),
+     all_of("row 0", "(?i)mixes formats", "message")),
 ], ids=["label_int", "label_str", "no_completion", "no_label", "no_prompt", "empty_completion",
         "completion_int", "pair_and_unpaired_columns", "completion_not_assistant",
         "messages_and_string"])
@@ -299,35 +295,35 @@ def test_a_file_mixing_pairs_and_unpaired_rows_names_both_lines(tmp_path):
     path = tmp_path / "prefs.jsonl"
     pair = {"prompt": "q", "chosen": " a", "rejected": " b"}
     path.write_text("\n".join(json.dumps(r) for r in (pair, ROW, pair)) + "\n")
-    with pytest.raises(ValueError, match=_all(r"prefs\.jsonl: line 1\b", r"prefs\.jsonl: line 2\b",
-                                              "(?i)mixes formats", "label true")):
+    words = all_of(r"prefs\.jsonl: line 1\b", r"prefs\.jsonl: line 2\b", "(?i)mixes formats",
+                   "label true")
+    with pytest.raises(ValueError, match=words):
         load_preferences(path)
 
 
 @pytest.mark.parametrize("change, exc, words", [
-    (dict(loss_type="sigmoid"), ValueError, _all("unpaired", "loss_type='sigmoid'",
-                                                 "loss_type='kto'", "chosen, rejected")),
-    (dict(batch_size=1), ValueError, _all("batch_size=1", "batch_size >= 2")),
+    (dict(loss_type="sigmoid"), ValueError, all_of("unpaired", "loss_type='sigmoid'",
+                                                   "loss_type='kto'", "chosen, rejected")),
+    (dict(batch_size=1), ValueError, all_of("batch_size=1", "batch_size >= 2")),
 ], ids=["not_kto", "batch_of_one"])
-def test_unpaired_training_refused_before_any_work(change, exc, words):
-    model, tok = tiny_model("gpt2")
-    model = add_lora(model, r=4)
-    with _refused_before_training(model, exc, words):
-        train(model, tok, _unpaired(4), _config(**change))
+def test_unpaired_training_refused_before_any_work(change, exc, words, tiny_lora):
+    model, tok = tiny_lora()
+    with refused_before_training(model, exc, words):
+        train(model, tok, _unpaired(4), replace(CONFIG, **change))
 
 
 def test_unpaired_full_fine_tuning_is_refused_before_any_work():
     model, tok = tiny_model("gpt2")
-    with _refused_before_training(model, ValueError, _all("full fine-tuning", "add_lora")):
-        train(model, tok, _unpaired(4), _config())
+    with refused_before_training(model, ValueError, all_of("full fine-tuning", "add_lora")):
+        train(model, tok, _unpaired(4), CONFIG)
 
 
 @pytest.mark.parametrize("kwargs, words", [
-    (dict(loss_type="kto", desirable_weight=0.0), _all("desirable_weight", "> 0")),
-    (dict(loss_type="kto", undesirable_weight=math.nan), _all("undesirable_weight", "finite")),
+    (dict(loss_type="kto", desirable_weight=0.0), all_of("desirable_weight", "> 0")),
+    (dict(loss_type="kto", undesirable_weight=math.nan), all_of("undesirable_weight", "finite")),
     (dict(loss_type="sigmoid", desirable_weight=1.5),
-     _all("desirable_weight", "'sigmoid'", "loss_type='kto'")),
-    (dict(loss_type="kto", desirable_weight=True), _all("desirable_weight", "float")),
+     all_of("desirable_weight", "'sigmoid'", "loss_type='kto'")),
+    (dict(loss_type="kto", desirable_weight=True), all_of("desirable_weight", "float")),
 ], ids=["zero", "nan", "not_kto", "bool"])
 def test_bad_kto_weights_are_refused(kwargs, words):
     with pytest.raises(ValueError, match=words):
@@ -335,6 +331,6 @@ def test_bad_kto_weights_are_refused(kwargs, words):
 
 
 def test_preference_step_refuses_an_unpaired_batch_for_another_loss():
-    with pytest.raises(ValueError, match=_all("unpaired", "loss_type='kto'")):
+    with pytest.raises(ValueError, match=all_of("unpaired", "loss_type='kto'")):
         preference_step(torch.tensor(POLICY), torch.tensor(REFERENCE),
                         {"label": torch.tensor(LABELS)}, TrainConfig(loss_type="sigmoid"))

@@ -11,7 +11,7 @@ from pathlib import Path
 import nbformat
 import pytest
 from bs4 import BeautifulSoup
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_output
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -19,45 +19,10 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import build_site  # noqa: E402
 import build_slides  # noqa: E402
 import slide_metadata  # noqa: E402
+from helpers import STEPS, synthetic_notebook  # noqa: E402
 
-STEPS = [
-    r"p^*(y_1 \succ y_2 \mid x) &= \frac{e^{r_1}}{e^{r_1} + e^{r_2}} "
-    r"&& \text{Bradley-Terry} \tag{1}",
-    r"&= \frac{1}{1 + e^{r_2 - r_1}} && \text{divide by } e^{r_1}",
-    r"&= \sigma(r_1 - r_2) && \text{definition of } \sigma",
-]
 # What each cell of synthetic_notebook() gets from the rules, in order.
 RULE_TYPES = ["slide", "skip", "slide", "subslide", "subslide", "-", "skip", "subslide", "-"]
-
-
-def synthetic_notebook() -> nbformat.NotebookNode:
-    """A small course notebook: title, set-up, a derivation (the helper's contract), an exercise.
-
-    Its derivation output is what the derivation helper writes: text/latex with the aligned
-    steps, and the steps again in the output metadata.
-    """
-    latex = r"\begin{align*}" + r" \\ ".join(STEPS) + r"\end{align*}"
-    derivation = new_output("display_data", data={"text/latex": latex, "text/plain": "<steps>"},
-                            metadata={"dpo_course": {"derivation_steps": STEPS}})
-    badge = ("[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
-             "(https://colab.research.google.com/github/o/r/blob/main/notebooks/99.ipynb)")
-    nb = new_notebook(cells=[
-        new_markdown_cell(f"# 99 · A synthetic notebook\n\nGoal: $\\sigma(r_1 - r_2)$.\n\n{badge}"),
-        new_code_cell("# NBVAL_SKIP\nIN_COLAB = False"),
-        new_markdown_cell("## 1. Bradley-Terry\n\nInline $\\beta$, display $$\\frac{a}{b}.$$"),
-        new_code_cell("bt = derivation(...)", outputs=[derivation]),
-        new_markdown_cell("### Numbers\n\nThe same in numbers."),
-        new_code_cell("print('p =', 0.73)", outputs=[
-            new_output("stream", name="stdout", text="p = 0.73\n"),
-            new_output("stream", name="stderr", text="a warning\n")]),
-        new_markdown_cell("<details><summary>Solution</summary>\n\n```python\nx = 1\n```\n"
-                          "</details>"),
-        new_code_cell("\n".join(f"x{i} = {i}" for i in range(20))),
-        new_markdown_cell("The end: $\\pi^*(y \\mid x)$."),
-    ])
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
-                                 "language": "python"}
-    return nb
 
 
 def write(nb, path: Path) -> Path:

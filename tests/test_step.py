@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dpo_minimal import add_lora, collate_pairs, load_preferences, shipped_data_path, tiny_model
+from dpo_minimal import collate_pairs, load_preferences, shipped_data_path, tiny_model
 from dpo_minimal.data import tokenize_preferences
 from dpo_minimal.logprobs import PairLogps, batch_logps, sequence_logps
 from dpo_minimal.losses import LOSSES, dpo_loss
@@ -21,13 +21,8 @@ def _batch(tok, n=4):
     return batch
 
 
-def _lora(seed=0):
-    model, tok = tiny_model("gpt2", seed=seed)
-    return add_lora(model, r=4, alpha=8).eval(), tok
-
-
-def test_batch_logps_equals_sequence_logps_on_full_logits():
-    model, tok = _lora()
+def test_batch_logps_equals_sequence_logps_on_full_logits(tiny_lora):
+    model, tok = tiny_lora()
     batch = _batch(tok)
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -38,8 +33,8 @@ def test_batch_logps_equals_sequence_logps_on_full_logits():
     assert entropy > 0
 
 
-def test_preference_step_is_dpo_loss_on_the_halves():
-    model, tok = _lora()
+def test_preference_step_is_dpo_loss_on_the_halves(tiny_lora):
+    model, tok = tiny_lora()
     batch = _batch(tok)
     moved = torch.cat(batch_logps(model, batch)) + torch.linspace(-1, 1, 8)  # as if trained
     policy = PairLogps.from_rows(moved)
@@ -53,8 +48,8 @@ def test_preference_step_is_dpo_loss_on_the_halves():
     assert math.isclose(sums["rewards/margins"], float((chosen - rejected).sum()), rel_tol=1e-6)
 
 
-def test_reference_cache_is_filled_once_and_then_answers():
-    model, tok = _lora()
+def test_reference_cache_is_filled_once_and_then_answers(tiny_lora):
+    model, tok = tiny_lora()
     batch = _batch(tok)
     reference = Reference(cache=torch.full((4, 2), float("nan")))
     first = reference.logps(model, batch)
@@ -74,8 +69,8 @@ def test_reference_needs_an_adapter_a_model_or_a_cache():
 
 
 @pytest.mark.parametrize("loss_type", sorted(LOSSES))
-def test_every_registered_loss_trains(loss_type):
-    model, tok = _lora()
+def test_every_registered_loss_trains(loss_type, tiny_lora):
+    model, tok = tiny_lora()
     config = TrainConfig(loss_type=loss_type, batch_size=4, max_steps=4, max_length=64,
                          max_prompt_length=32, learning_rate=1e-2, progress=False)
     history = train(model, tok, DATA, config)
@@ -94,8 +89,8 @@ def test_an_unknown_loss_is_refused_by_the_config():
         TrainConfig(loss_type="kto", label_smoothing=0.1)
 
 
-def test_warmup_follows_transformers_schedule():
-    model, tok = _lora()
+def test_warmup_follows_transformers_schedule(tiny_lora):
+    model, tok = tiny_lora()
     config = TrainConfig(batch_size=4, max_steps=4, warmup_steps=2, learning_rate=1e-2,
                          max_length=64, max_prompt_length=32, progress=False,
                          lr_scheduler="constant")
