@@ -3,6 +3,7 @@
 import math
 import sys
 from dataclasses import replace
+from functools import cache
 
 import pytest
 import torch
@@ -37,13 +38,10 @@ def models(tiny_lora):
 @pytest.fixture(scope="module")
 def uninterrupted(models):
     """uninterrupted(lora) -> History of the run the interrupted ones are compared with."""
-    runs = {}
-
+    @cache
     def run(lora: bool):
-        if lora not in runs:
-            config = replace(CONFIG, **({} if lora else {"learning_rate": 1e-4}))
-            runs[lora] = train(*models(lora), DATA, config, eval_data=HELD_OUT)
-        return runs[lora]
+        config = replace(CONFIG, **({} if lora else {"learning_rate": 1e-4}))
+        return train(*models(lora), DATA, config, eval_data=HELD_OUT)
 
     return run
 

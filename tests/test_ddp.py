@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import without_timing
 
 from dpo_minimal import load_preferences, shipped_data_path
 from dpo_minimal.cli import main
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-TIMING = {"step_seconds", "tokens_per_second", "peak_memory_gib"}
 # 8 pairs and a global batch of 4: two steps an epoch, so 6 steps see every pair three times and
 # the reference cache is read for pairs that the other process computed.
 COMMON = ["--tiny", "gpt2", "--max-steps", "6", "--max-length", "64", "--max-prompt-length",
@@ -59,8 +59,7 @@ def _launch(*args: str) -> str:
 
 
 def _history(folder) -> list[dict]:
-    rows = json.loads((Path(folder) / "history.json").read_text())
-    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
+    return without_timing(json.loads((Path(folder) / "history.json").read_text()))
 
 
 def _close(one: list[dict], two: list[dict], skip=()) -> float:
